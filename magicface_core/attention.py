@@ -1,0 +1,338 @@
+"""RSA and RBA (Eqs. 2 and 6) as SDPA calls with an additive bias, and the diffusers
+attention processors that put them into a UNet.
+
+Tensors are laid out as SDPA wants them: (batch, heads, tokens, head_dim).
+The reference bias is *added* after the 1/sqrt(d) scaling (as the authors' code
+does): `w_i` on in-mask reference keys, `-inf` elsewhere, 0 on the target's own keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "reference_bias",
+    "rsa",
+    "rba",
+    "rba_bias",
+    "AttentionState",
+    "MagicFaceAttnProcessor",
+    "RecordingAttnProcessor",
+    "grid_for_tokens",
+]
+
+
+def reference_bias(
+    ref_masks: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Per-concept key bias B_i: `w_i` where the key lies in M_i, `-inf` elsewhere."""
+    if len(ref_masks) != len(weights):
+        raise ValueError(f"got {len(ref_masks)} masks for {len(weights)} weights")
+    out = []
+    for m, w in zip(ref_masks, weights, strict=True):
+        m = m.to(device=device, dtype=torch.bool).reshape(-1)
+        b = torch.full(m.shape, float("-inf"), dtype=dtype, device=device)
+        out.append(b.masked_fill(m, float(w)))
+    return out
+
+
+def _check_refs(k: torch.Tensor, ref_k, ref_v, ref_masks, weights) -> None:
+    n = len(ref_k)
+    if not (len(ref_v) == len(ref_masks) == len(weights) == n):
+        raise ValueError("ref_k, ref_v, ref_masks and weights must have the same length")
+    for i in range(n):
+        if ref_k[i].shape[-2] != ref_masks[i].numel():
+            raise ValueError(
+                f"reference {i}: {ref_k[i].shape[-2]} keys but a mask of {ref_masks[i].numel()}"
+            )
+        if ref_k[i].shape != ref_v[i].shape:
+            raise ValueError(f"reference {i}: key and value shapes differ")
+        if ref_k[i].shape[-1] != k.shape[-1]:
+            raise ValueError(f"reference {i}: head dim {ref_k[i].shape[-1]} != {k.shape[-1]}")
+
+
+def rsa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_k: Sequence[torch.Tensor],
+    ref_v: Sequence[torch.Tensor],
+    ref_masks: Sequence[torch.Tensor],
+    weights: Sequence[float],
+) -> torch.Tensor:
+    """Reference-guided self-attention (Eq. 2).
+
+    softmax([sQK^T ; sQK_1^T + B_1 ; ... ; sQK_N^T + B_N]) [V ; V_1 ; ... ; V_N]
+    """
+    _check_refs(k, ref_k, ref_v, ref_masks, weights)
+    if not ref_k:
+        return F.scaled_dot_product_attention(q, k, v)
+    biases = reference_bias(ref_masks, weights, dtype=q.dtype, device=q.device)
+    keys = torch.cat([k, *(rk.expand(k.shape[0], -1, -1, -1) for rk in ref_k)], dim=-2)
+    values = torch.cat([v, *(rv.expand(v.shape[0], -1, -1, -1) for rv in ref_v)], dim=-2)
+    own = torch.zeros(k.shape[-2], dtype=q.dtype, device=q.device)
+    bias = torch.cat([own, *biases])
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.expand(q.shape[-2], -1))
+
+
+def rba_bias(
+    own_tokens: int,
+    ref_masks: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    groups: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """(Lq, L + sum L_i) bias for RBA: a query of group i sees its own image's keys
+    and concept i's keys (biased by B_i); every other concept's keys are -inf.
+
+    Built as a gather from an (N+1, Lk) table so RBA is a single SDPA call with static
+    shapes instead of a Python loop over groups.
+    """
+    biases = reference_bias(ref_masks, weights, dtype=dtype, device=device)
+    lengths = [b.numel() for b in biases]
+    total = own_tokens + sum(lengths)
+    table = torch.full((len(biases) + 1, total), float("-inf"), dtype=dtype, device=device)
+    table[:, :own_tokens] = 0
+    start = own_tokens
+    for i, b in enumerate(biases):
+        table[i + 1, start : start + b.numel()] = b
+        start += b.numel()
+    return table[groups.to(device=device, dtype=torch.long)]
+
+
+def rba(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_k: Sequence[torch.Tensor],
+    ref_v: Sequence[torch.Tensor],
+    ref_masks: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    groups: torch.Tensor,
+) -> torch.Tensor:
+    """Region-grouped blend attention (Eq. 6).
+
+    `groups` (Lq,) holds 0 (background: attends to its own K/V only) or i in 1..N
+    (attends to [K ; K_i], [V ; V_i] with bias B_i).
+    """
+    _check_refs(k, ref_k, ref_v, ref_masks, weights)
+    if groups.shape != (q.shape[-2],):
+        raise ValueError(f"groups must have shape ({q.shape[-2]},), got {tuple(groups.shape)}")
+    if not ref_k:
+        return F.scaled_dot_product_attention(q, k, v)
+    keys = torch.cat([k, *(rk.expand(k.shape[0], -1, -1, -1) for rk in ref_k)], dim=-2)
+    values = torch.cat([v, *(rv.expand(v.shape[0], -1, -1, -1) for rv in ref_v)], dim=-2)
+    bias = rba_bias(k.shape[-2], ref_masks, weights, groups, dtype=q.dtype, device=q.device)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+
+
+def grid_for_tokens(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of a UNet level with `tokens` positions.
+
+    Each UNet downsample is a stride-2 conv with padding 1, i.e. ceil(x / 2).
+    """
+    h, w = latent_hw
+    for _ in range(8):
+        if h * w == tokens:
+            return h, w
+        h, w = (h + 1) // 2, (w + 1) // 2
+    raise ValueError(f"{tokens} tokens match no level of a {latent_hw} latent grid")
+
+
+def _resize_nearest(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(grid):
+        return x
+    return F.interpolate(x[None, None].float(), size=grid, mode="nearest")[0, 0]
+
+
+@dataclass
+class AttentionState:
+    """What one `generate` call shares with its processors, passed explicitly.
+
+    Batch layout of every UNet call: the target rows first (uncond, cond with CFG;
+    cond alone without), then one row per reference concept riding along
+    (`riding_refs`), unless reference K/V comes from `ref_kv` (the cache).
+    """
+
+    latent_hw: tuple[int, int]
+    target_rows: int
+    cond_row: int
+    weights: list[float]
+    masks: list[torch.Tensor]  # pixel-resolution bool masks, one per concept
+    map_hw: tuple[int, int]
+    mode: str = "off"  # "off" | "rsa" | "rba"
+    riding_refs: int = 0
+    labels: torch.Tensor | None = None  # semantic map (map_hw) driving RBA
+    record_maps: bool = False
+    # Reference K/V supplied from outside (the cache): layer name -> (k_list, v_list).
+    ref_kv: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+    # When set, reference K/V seen at each modified layer is stored here.
+    capture_kv: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+    cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    _mask_cache: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
+    _group_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.weights)
+
+    def masks_at(self, grid: tuple[int, int], device: torch.device) -> list[torch.Tensor]:
+        if grid not in self._mask_cache:
+            self._mask_cache[grid] = [
+                (_resize_nearest(m, grid) > 0.5).reshape(-1).to(device) for m in self.masks
+            ]
+        return self._mask_cache[grid]
+
+    def groups_at(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        if self.labels is None:
+            return None
+        if grid not in self._group_cache:
+            self._group_cache[grid] = _resize_nearest(self.labels, grid).reshape(-1).long()
+        return self._group_cache[grid]
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        self.labels = labels
+        self._group_cache.clear()
+
+    def wants_map(self, tokens: int) -> bool:
+        return self.record_maps and tokens <= self.map_hw[0] * self.map_hw[1]
+
+    def reset_maps(self) -> None:
+        self.cross_maps.clear()
+        self.self_maps.clear()
+
+
+def _project(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """q, k, v in (B, heads, L, d) as diffusers' AttnProcessor2_0 computes them."""
+    if attn.spatial_norm is not None or attn.group_norm is not None:
+        raise NotImplementedError("spatial/group-normed attention is not used by SD UNets")
+    query = attn.to_q(hidden_states)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key = attn.to_k(context)
+    value = attn.to_v(context)
+    b = hidden_states.shape[0]
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def _finish(attn, out: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    b, h, length, d = out.shape
+    out = out.transpose(1, 2).reshape(b, length, h * d).to(dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def _head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(s Q K^T) averaged over heads, for one batch row: (Lq, Lk) in fp32."""
+    scores = torch.matmul(q[0].float(), k[0].float().transpose(-1, -2)) * scale
+    return scores.softmax(dim=-1).mean(dim=0)
+
+
+def _block_of(name: str) -> str:
+    # "...transformer_blocks.0.attn1" -> "...transformer_blocks.0"
+    return name.rsplit(".", 1)[0]
+
+
+class RecordingAttnProcessor:
+    """Plain SDPA attention (identical to diffusers' AttnProcessor2_0) that also
+    records the cond branch's head-averaged attention map where the semantic map
+    needs it (levels no finer than the map grid)."""
+
+    def __init__(self, name: str, state: AttentionState):
+        self.name = name
+        self.block = _block_of(name)
+        self.is_cross = name.endswith("attn2")
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        if attention_mask is not None or hidden_states.ndim != 3:
+            raise NotImplementedError("attention masks and 4-D inputs are not used by SD UNets")
+        residual = hidden_states
+        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
+        out = F.scaled_dot_product_attention(q, k, v)
+        st = self.state
+        if st.wants_map(q.shape[-2]):
+            c = st.cond_row
+            probs = _head_mean_probs(q[c : c + 1], k[c : c + 1], attn.scale)
+            (st.cross_maps if self.is_cross else st.self_maps)[self.block] = probs
+        return _finish(attn, out, residual, q.dtype)
+
+
+class MagicFaceAttnProcessor:
+    """Self-attention of a modified layer: the cond target row runs RSA or RBA
+    against the references' K/V at this layer; every other row (uncond, the
+    references themselves) runs plain self-attention, so the reference path is the
+    unmodified UNet."""
+
+    def __init__(self, name: str, state: AttentionState):
+        self.name = name
+        self.block = _block_of(name)
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        if attention_mask is not None or hidden_states.ndim != 3:
+            raise NotImplementedError("attention masks and 4-D inputs are not used by SD UNets")
+        if encoder_hidden_states is not None:
+            raise ValueError(f"{self.name} is not a self-attention layer")
+        st = self.state
+        residual = hidden_states
+        q, k, v = _project(attn, hidden_states, None)
+        tokens = q.shape[-2]
+        grid = grid_for_tokens(tokens, st.latent_hw)
+        c, t = st.cond_row, st.target_rows
+
+        if st.ref_kv is not None and self.name in st.ref_kv:
+            ref_k, ref_v = st.ref_kv[self.name]
+        else:
+            ref_k = [k[t + i : t + i + 1] for i in range(st.riding_refs)]
+            ref_v = [v[t + i : t + i + 1] for i in range(st.riding_refs)]
+        if st.capture_kv is not None:
+            st.capture_kv[self.name] = (ref_k, ref_v)
+
+        if st.wants_map(tokens):
+            st.self_maps[self.block] = _head_mean_probs(q[c : c + 1], k[c : c + 1], attn.scale)
+
+        groups = st.groups_at(grid) if st.mode == "rba" else None
+        if st.mode == "off" or not ref_k:
+            out = F.scaled_dot_product_attention(q, k, v)
+            return _finish(attn, out, residual, q.dtype)
+
+        if len(ref_k) != st.n_concepts:
+            raise RuntimeError(f"{self.name}: {len(ref_k)} reference K/V for {st.n_concepts} "
+                               "concepts")
+        def rest(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[:c], x[c + 1 :]], dim=0)
+
+        plain = F.scaled_dot_product_attention(rest(q), rest(k), rest(v))
+        qc, kc, vc = q[c : c + 1], k[c : c + 1], v[c : c + 1]
+        masks = st.masks_at(grid, q.device)
+        if groups is None:  # RSA, or the first RBA step before any map exists
+            cond = rsa(qc, kc, vc, ref_k, ref_v, masks, st.weights)
+        else:
+            cond = rba(qc, kc, vc, ref_k, ref_v, masks, st.weights, groups.to(q.device))
+        out = torch.cat([plain[:c], cond, plain[c:]], dim=0)
+        return _finish(attn, out, residual, q.dtype)

@@ -1,0 +1,333 @@
+"""MagicFacePipeline: the two-stage (RSA, then RBA) sampling loop."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .attention import (
+    AttentionState,
+    MagicFaceAttnProcessor,
+    RecordingAttnProcessor,
+    grid_for_tokens,
+)
+from .config import Concept, GenerationConfig
+from .guidance import cfg, region_adaptive_cfg
+from .models import Components, load_components, save_components, tiny_components
+from .reference import (
+    PreparedReference,
+    encode_latents,
+    noised_reference_latents,
+    prepare_reference,
+)
+from .segmentation import latent_semantic_map
+from .tokens import word_token_indices
+
+__all__ = ["MagicFacePipeline", "MagicFaceResult"]
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class MagicFaceResult:
+    image: Image.Image
+    # One (h, w) long label map per step (0 = background, i = concept i), on the CPU.
+    semantic_maps: list[torch.Tensor] = field(default_factory=list)
+    latents: torch.Tensor | None = None
+    concept_tokens: list[list[int]] = field(default_factory=list)
+    rsa_steps: int = 0
+    masks: list[torch.Tensor] = field(default_factory=list)  # letterboxed concept masks
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _level(hw: tuple[int, int], downscale: int) -> tuple[int, int]:
+    h, w = hw
+    while downscale > 1:
+        h, w, downscale = (h + 1) // 2, (w + 1) // 2, downscale // 2
+    return h, w
+
+
+class MagicFacePipeline:
+    """Training-free customization of SD1.x / SD2.x with one reference per concept.
+
+    One `generate` at a time per pipeline (calls are serialised by a lock): the
+    attention processors are installed for the duration of a call.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *,
+                 model_name: str = "custom"):
+        from diffusers import DDIMScheduler
+
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = (scheduler if isinstance(scheduler, DDIMScheduler)
+                          else DDIMScheduler.from_config(scheduler.config))
+        self.model_name = model_name
+        self.sam_predictor = None  # set directly, or loaded from config.sam_checkpoint
+        self._sam_key: tuple[str, str] | None = None
+        self._lock = threading.Lock()
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def from_components(cls, c: Components, model_name: str = "custom") -> MagicFacePipeline:
+        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler,
+                   model_name=model_name)
+
+    @classmethod
+    def from_pretrained(cls, model: str, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, **kwargs) -> MagicFacePipeline:
+        """Load a diffusers SD1.x/SD2.x checkpoint: a local folder or a hub id.
+
+        dtype defaults to fp16 on CUDA and fp32 elsewhere.
+        """
+        device = torch.device(device)
+        dtype = dtype or _default_dtype(device)
+        comps = load_components(model, device=device, dtype=dtype, **kwargs)
+        return cls.from_components(comps, model_name=str(model))
+
+    @classmethod
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu") -> MagicFacePipeline:
+        """Random weights with SD1.5's module names: runs the whole method, makes noise."""
+        pipe = cls.from_components(tiny_components(seed), model_name=f"tiny-{seed}")
+        return pipe.to(device)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from .models import Components
+
+        return save_components(Components(self.unet, self.vae, self.text_encoder,
+                                          self.tokenizer, self.scheduler), directory)
+
+    def to(self, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> MagicFacePipeline:
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kw:
+            for m in (self.unet, self.vae, self.text_encoder):
+                m.to(**kw)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- pieces -----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP last hidden states, (B, 77, D), as StableDiffusionPipeline encodes them."""
+        ids = self.tokenizer(list(prompts), padding="max_length",
+                             max_length=self.tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != self.tokenizer.pad_token_id).long().to(self.text_encoder.device)
+        out = self.text_encoder(ids.to(self.text_encoder.device), attention_mask=mask)[0]
+        return out.to(dtype=self.unet.dtype, device=self.device)
+
+    def concept_tokens(self, prompt: str, concepts: Sequence[Concept]) -> list[list[int]]:
+        return [word_token_indices(self.tokenizer, prompt, c.word) for c in concepts]
+
+    def _prompt_positions(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, truncation=True,
+                             max_length=self.tokenizer.model_max_length)["input_ids"]
+        return list(range(1, max(2, len(ids) - 1)))
+
+    def _sam_factory(self, config: GenerationConfig) -> Callable[[], object] | None:
+        if self.sam_predictor is not None:
+            return lambda: self.sam_predictor
+        if not config.sam_checkpoint:
+            return None
+
+        def load():
+            from .masks import load_sam_predictor
+
+            key = (config.sam_checkpoint, config.sam_model_type)
+            if self._sam_key != key:
+                self._sam_predictor_loaded = load_sam_predictor(
+                    config.sam_checkpoint, config.sam_model_type, str(self.device))
+                self._sam_key = key
+            return self._sam_predictor_loaded
+
+        return load
+
+    def prepare_references(self, concepts: Sequence[Concept],
+                           config: GenerationConfig) -> list[PreparedReference]:
+        sam = self._sam_factory(config)
+        return [prepare_reference(c, i, config.height, config.width, sam)
+                for i, c in enumerate(concepts)]
+
+    def _install(self, state: AttentionState, reference_layers: Sequence[str]) -> dict:
+        original = self.unet.attn_processors
+        procs, modified = {}, 0
+        for key in original:
+            name = key.removesuffix(".processor")
+            if name.endswith("attn1") and any(name.startswith(p + ".") for p in reference_layers):
+                procs[key] = MagicFaceAttnProcessor(name, state)
+                modified += 1
+            else:
+                procs[key] = RecordingAttnProcessor(name, state)
+        if modified == 0:
+            raise ValueError(f"reference_layers {list(reference_layers)} match no "
+                             "self-attention layer of this UNet")
+        self.unet.set_attn_processor(procs)
+        return original
+
+    # -- sampling ---------------------------------------------------------------------
+    def _validate(self, prompt, concepts, config) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        if not isinstance(config, GenerationConfig):
+            raise ValueError("config must be a GenerationConfig")
+        if not isinstance(concepts, (list, tuple)):
+            raise ValueError("concepts must be a list of Concept")
+        seen = set()
+        for i, c in enumerate(concepts):
+            if not isinstance(c, Concept):
+                raise ValueError(f"concepts[{i}] must be a Concept, got {type(c).__name__}")
+            w = c.word.strip().lower()
+            if w in seen:
+                raise ValueError(f"concept word '{c.word}' is used by more than one concept")
+            seen.add(w)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        concepts: Sequence[Concept] = (),
+        config: GenerationConfig | None = None,
+        on_step: StepCallback | None = None,
+    ) -> MagicFaceResult:
+        """Sample one image. `on_step(step, total)` runs after every step; an exception
+        raised in it aborts the run (the UNet is left as it was) and propagates."""
+        config = config or GenerationConfig()
+        self._validate(prompt, concepts, config)
+        concept_tokens = self.concept_tokens(prompt, concepts)
+        refs = self.prepare_references(concepts, config)
+        with self._lock:
+            return self._sample(prompt, list(concepts), refs, concept_tokens, config, on_step)
+
+    def _sample(self, prompt, concepts, refs, concept_tokens, config, on_step):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        device, dtype = self.device, self.unet.dtype
+        n = len(concepts)
+        do_cfg = config.guidance_scale > 1.0
+        target_rows = 2 if do_cfg else 1
+
+        cond = self.encode_prompt([prompt])
+        embeds = [self.encode_prompt([config.negative_prompt]), cond] if do_cfg else [cond]
+        if n:
+            embeds.append(self.encode_prompt([r.prompt for r in refs]))
+        embeds = torch.cat(embeds)
+
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(config.steps, device=device)
+        timesteps = scheduler.timesteps
+
+        f = self.vae_scale_factor
+        latent_hw = (config.height // f, config.width // f)
+        generator = torch.Generator("cpu").manual_seed(config.seed)
+        latents = randn_tensor((1, self.unet.config.in_channels, *latent_hw),
+                               generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+
+        state, original, noisy_refs = None, None, None
+        map_hw = _level(latent_hw, config.map_downscale)
+        if n:
+            ref_latents = encode_latents(self.vae, torch.cat([r.pixels for r in refs]))
+            ref_seed = config.seed if config.reference_seed is None else config.reference_seed
+            noisy_refs = noised_reference_latents(scheduler, ref_latents.to(dtype), timesteps,
+                                                  ref_seed)
+            state = AttentionState(
+                latent_hw=latent_hw, target_rows=target_rows, cond_row=target_rows - 1,
+                weights=[r.weight for r in refs], masks=[r.mask for r in refs],
+                map_hw=map_hw, riding_refs=n,
+            )
+            original = self._install(state, config.reference_layers)
+        candidates = self._prompt_positions(prompt)
+        rsa_steps = config.rsa_steps
+        maps: list[torch.Tensor] = []
+        try:
+            for i, t in enumerate(timesteps):
+                inp = torch.cat([latents] * target_rows)
+                inp = scheduler.scale_model_input(inp, t)
+                if state is not None:
+                    state.mode = "rsa" if i < rsa_steps else "rba"
+                    # A map is needed from the last RSA step on (it drives the next
+                    # step's RBA), and at every step when the caller wants them all.
+                    state.record_maps = config.return_semantic_maps or i >= rsa_steps - 1
+                    state.reset_maps()
+                    inp = torch.cat([inp, scheduler.scale_model_input(noisy_refs[i], t)])
+                eps = self.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                eps = eps[:target_rows]
+
+                labels = None
+                if state is not None and state.record_maps:
+                    labels = self._semantic_map(state, concept_tokens, candidates, config)
+                    state.set_labels(labels)
+                    if config.return_semantic_maps:
+                        maps.append(labels)
+                if do_cfg:
+                    eps_u, eps_c = eps.chunk(2)
+                    if config.region_guidance and labels is not None:
+                        noise_pred = region_adaptive_cfg(
+                            eps_u, eps_c, config.guidance_scale, labels, n + 1,
+                            config.region_guidance_min, config.region_guidance_max)
+                    else:
+                        noise_pred = cfg(eps_u, eps_c, config.guidance_scale)
+                else:
+                    noise_pred = eps
+                latents = scheduler.step(noise_pred, t, latents, eta=0.0,
+                                         return_dict=False)[0]
+                if on_step is not None:
+                    on_step(i + 1, len(timesteps))
+        finally:
+            if original is not None:
+                self.unet.set_attn_processor(original)
+
+        image = self.decode(latents)
+        return MagicFaceResult(
+            image=image,
+            semantic_maps=[m.cpu() for m in maps],
+            latents=latents,
+            concept_tokens=concept_tokens,
+            rsa_steps=rsa_steps if n else 0,
+            masks=[r.mask for r in refs],
+        )
+
+    def _semantic_map(self, state: AttentionState, concept_tokens, candidates,
+                      config: GenerationConfig) -> torch.Tensor:
+        blocks = [b for b in state.cross_maps if b in state.self_maps]
+        if not blocks:
+            raise RuntimeError("no attention maps were recorded: the UNet has no "
+                               "transformer block at or below the semantic-map grid")
+        cross = [state.cross_maps[b] for b in blocks]
+        selfs = [state.self_maps[b] for b in blocks]
+        grids = [grid_for_tokens(c.shape[0], state.latent_hw) for c in cross]
+        return latent_semantic_map(cross, selfs, concept_tokens, state.map_hw, grids=grids,
+                                   candidate_tokens=candidates, ca_scale=config.ca_scale)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
+                            return_dict=False)[0]
+        x = (x / 2 + 0.5).clamp(0, 1)
+        arr = x.cpu().permute(0, 2, 3, 1).float().numpy()[0]
+        return Image.fromarray((arr * 255).round().astype(np.uint8))

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magicface_core import Concept, GenerationConfig, MagicFacePipeline
+
+EXAMPLES = Path(os.environ.get("MAGICFACE_EXAMPLES", Path(__file__).resolve().parents[2] / "shared" / "examples"))
+
+
+def example(name: str) -> dict:
+    """An example from ../shared/examples with absolute image/mask paths."""
+    root = EXAMPLES / name
+    data = json.loads((root / "example.json").read_text())
+    for c in data["concepts"]:
+        c["image"] = root / c["image"]
+        c["mask"] = root / c["mask"]
+    return data
+
+
+def example_concepts(name: str, limit: int | None = None) -> tuple[str, list[Concept]]:
+    data = example(name)
+    cs = [Concept(image=c["image"], mask=c["mask"], word=c["word"], weight=c["weight"],
+                  reference_prompt=c["reference_prompt"]) for c in data["concepts"][:limit]]
+    return data["prompt"], cs
+
+
+@pytest.fixture(scope="session")
+def pipe() -> MagicFacePipeline:
+    return MagicFacePipeline.tiny(seed=0)
+
+
+@pytest.fixture
+def small_config() -> GenerationConfig:
+    return GenerationConfig(steps=5, height=128, width=128, seed=7)
+
+
+def solid(color, size=(96, 80)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def noise_image(seed: int, size=(96, 80)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def mask_image(size=(96, 80), box=None, value=255) -> Image.Image:
+    m = Image.new("L", size, 0)
+    if box is not None:
+        m.paste(value, box)
+    return m
+
+
+def tiny_sam():
+    """A random-weight Sam built from segment-anything's own classes, tiny encoder."""
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    torch.manual_seed(0)
+    img, patch, dim = 64, 16, 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=img, patch_size=patch, in_chans=3, embed_dim=32, depth=1, num_heads=2,
+            mlp_ratio=2.0, out_chans=dim, qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), act_layer=torch.nn.GELU,
+            use_abs_pos=True, use_rel_pos=False, window_size=0, global_attn_indexes=(),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(img // patch, img // patch),
+            input_image_size=(img, img), mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=32, num_heads=2),
+            transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16,
+        ),
+    )
+    return sam.eval()
