@@ -24,8 +24,9 @@ def region_adaptive_cfg(
     """Guidance whose scale varies per semantic region (an S-CFG-style extra of the
     authors' code, off by default).
 
-    `labels` holds values in [0, n_labels). Each region r gets rate m / m_r, clamped to [lo, hi], where m_r is the
-    mean guidance magnitude |eps_c - eps_u| inside r and m the mean over the image:
+    `labels` holds values in [0, n_labels). Each region r gets rate m / m_r, clamped
+    to [lo, hi], where m_r is the mean guidance magnitude |eps_c - eps_u| inside r
+    and m the mean over the image:
     regions the prompt pulls weakly are pushed harder, so a small concept region is
     not washed out by the background.
     """

@@ -12,7 +12,8 @@ from PIL import Image
 
 from magicface_core import Concept, GenerationConfig, MagicFacePipeline
 
-EXAMPLES = Path(os.environ.get("MAGICFACE_EXAMPLES", Path(__file__).resolve().parents[2] / "shared" / "examples"))
+EXAMPLES = Path(os.environ.get(
+    "MAGICFACE_EXAMPLES", Path(__file__).resolve().parents[2] / "shared" / "examples"))
 
 
 def example(name: str) -> dict:
