@@ -16,9 +16,12 @@ import torch.nn.functional as F
 
 __all__ = [
     "reference_bias",
+    "attend",
     "rsa",
+    "rsa_bias",
     "rba",
     "rba_bias",
+    "rba_table",
     "AttentionState",
     "MagicFaceAttnProcessor",
     "RecordingAttnProcessor",
@@ -59,6 +62,29 @@ def _check_refs(k: torch.Tensor, ref_k, ref_v, ref_masks, weights) -> None:
             raise ValueError(f"reference {i}: head dim {ref_k[i].shape[-1]} != {k.shape[-1]}")
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_k: Sequence[torch.Tensor],
+    ref_v: Sequence[torch.Tensor],
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """One SDPA over [K ; K_1..K_N] with an additive bias of shape (Lk,) or (Lq, Lk)."""
+    keys = torch.cat([k, *(rk.expand(k.shape[0], -1, -1, -1) for rk in ref_k)], dim=-2)
+    values = torch.cat([v, *(rv.expand(v.shape[0], -1, -1, -1) for rv in ref_v)], dim=-2)
+    if bias.dim() == 1:
+        bias = bias.expand(q.shape[-2], -1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+
+
+def rsa_bias(own_tokens: int, ref_masks: Sequence[torch.Tensor], weights: Sequence[float], *,
+             dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(L + sum L_i,) bias for RSA: 0 on the target's own keys, B_i on concept i's."""
+    own = torch.zeros(own_tokens, dtype=dtype, device=device)
+    return torch.cat([own, *reference_bias(ref_masks, weights, dtype=dtype, device=device)])
+
+
 def rsa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -75,12 +101,30 @@ def rsa(
     _check_refs(k, ref_k, ref_v, ref_masks, weights)
     if not ref_k:
         return F.scaled_dot_product_attention(q, k, v)
-    biases = reference_bias(ref_masks, weights, dtype=q.dtype, device=q.device)
-    keys = torch.cat([k, *(rk.expand(k.shape[0], -1, -1, -1) for rk in ref_k)], dim=-2)
-    values = torch.cat([v, *(rv.expand(v.shape[0], -1, -1, -1) for rv in ref_v)], dim=-2)
-    own = torch.zeros(k.shape[-2], dtype=q.dtype, device=q.device)
-    bias = torch.cat([own, *biases])
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.expand(q.shape[-2], -1))
+    bias = rsa_bias(k.shape[-2], ref_masks, weights, dtype=q.dtype, device=q.device)
+    return attend(q, k, v, ref_k, ref_v, bias)
+
+
+def rba_table(
+    own_tokens: int,
+    ref_masks: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """(N+1, L + sum L_i): row g is the key bias of a query in group g. Row 0 sees
+    only the target's own keys; row i also concept i's keys, biased by B_i."""
+    biases = reference_bias(ref_masks, weights, dtype=dtype, device=device)
+    lengths = [b.numel() for b in biases]
+    total = own_tokens + sum(lengths)
+    table = torch.full((len(biases) + 1, total), float("-inf"), dtype=dtype, device=device)
+    table[:, :own_tokens] = 0
+    start = own_tokens
+    for i, b in enumerate(biases):
+        table[i + 1, start : start + b.numel()] = b
+        start += b.numel()
+    return table
 
 
 def rba_bias(
@@ -95,18 +139,10 @@ def rba_bias(
     """(Lq, L + sum L_i) bias for RBA: a query of group i sees its own image's keys
     and concept i's keys (biased by B_i); every other concept's keys are -inf.
 
-    Built as a gather from an (N+1, Lk) table so RBA is a single SDPA call with static
-    shapes instead of a Python loop over groups.
+    A gather from the (N+1, Lk) table, so RBA is one SDPA call with static shapes
+    instead of a Python loop over groups.
     """
-    biases = reference_bias(ref_masks, weights, dtype=dtype, device=device)
-    lengths = [b.numel() for b in biases]
-    total = own_tokens + sum(lengths)
-    table = torch.full((len(biases) + 1, total), float("-inf"), dtype=dtype, device=device)
-    table[:, :own_tokens] = 0
-    start = own_tokens
-    for i, b in enumerate(biases):
-        table[i + 1, start : start + b.numel()] = b
-        start += b.numel()
+    table = rba_table(own_tokens, ref_masks, weights, dtype=dtype, device=device)
     return table[groups.to(device=device, dtype=torch.long)]
 
 
@@ -130,10 +166,8 @@ def rba(
         raise ValueError(f"groups must have shape ({q.shape[-2]},), got {tuple(groups.shape)}")
     if not ref_k:
         return F.scaled_dot_product_attention(q, k, v)
-    keys = torch.cat([k, *(rk.expand(k.shape[0], -1, -1, -1) for rk in ref_k)], dim=-2)
-    values = torch.cat([v, *(rv.expand(v.shape[0], -1, -1, -1) for rv in ref_v)], dim=-2)
     bias = rba_bias(k.shape[-2], ref_masks, weights, groups, dtype=q.dtype, device=q.device)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+    return attend(q, k, v, ref_k, ref_v, bias)
 
 
 def grid_for_tokens(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -160,8 +194,10 @@ class AttentionState:
     """What one `generate` call shares with its processors, passed explicitly.
 
     Batch layout of every UNet call: the target rows first (uncond, cond with CFG;
-    cond alone without), then one row per reference concept riding along
-    (`riding_refs`), unless reference K/V comes from `ref_kv` (the cache).
+    cond alone without), then one row per reference concept riding along.
+    `ref_rows[i]` is concept i's row, or None when its K/V come from `kv_inputs`
+    (the cache). The fast path precomputes the biases (`bias_rsa` per grid, and
+    `bias_rba` per grid each step) so the processors only read tensors.
     """
 
     latent_hw: tuple[int, int]
@@ -171,13 +207,16 @@ class AttentionState:
     masks: list[torch.Tensor]  # pixel-resolution bool masks, one per concept
     map_hw: tuple[int, int]
     mode: str = "off"  # "off" | "rsa" | "rba"
-    riding_refs: int = 0
+    ref_rows: list[int | None] = field(default_factory=list)
     labels: torch.Tensor | None = None  # semantic map (map_hw) driving RBA
     record_maps: bool = False
-    # Reference K/V supplied from outside (the cache): layer name -> (k_list, v_list).
-    ref_kv: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
-    # When set, reference K/V seen at each modified layer is stored here.
-    capture_kv: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+    # Cached reference K/V for this step: layer name -> {concept index: (k, v)}.
+    kv_inputs: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict)
+    # When set, the riding references' K/V at each modified layer are stored here.
+    capture_kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    bias_rsa: dict[tuple[int, int], torch.Tensor] | None = None
+    bias_rba: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     self_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     _mask_cache: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
@@ -303,36 +342,39 @@ class MagicFaceAttnProcessor:
         q, k, v = _project(attn, hidden_states, None)
         tokens = q.shape[-2]
         grid = grid_for_tokens(tokens, st.latent_hw)
-        c, t = st.cond_row, st.target_rows
+        c = st.cond_row
 
-        if st.ref_kv is not None and self.name in st.ref_kv:
-            ref_k, ref_v = st.ref_kv[self.name]
-        else:
-            ref_k = [k[t + i : t + i + 1] for i in range(st.riding_refs)]
-            ref_v = [v[t + i : t + i + 1] for i in range(st.riding_refs)]
-        if st.capture_kv is not None:
-            st.capture_kv[self.name] = (ref_k, ref_v)
+        ref_k, ref_v = [], []
+        for i, row in enumerate(st.ref_rows):
+            if row is None:
+                k_i, v_i = st.kv_inputs[self.name][i]
+            else:
+                k_i, v_i = k[row : row + 1], v[row : row + 1]
+                if st.capture_kv is not None:
+                    st.capture_kv.setdefault(self.name, {})[i] = (k_i, v_i)
+            ref_k.append(k_i)
+            ref_v.append(v_i)
 
         if st.wants_map(tokens):
             st.self_maps[self.block] = _head_mean_probs(q[c : c + 1], k[c : c + 1], attn.scale)
 
-        groups = st.groups_at(grid) if st.mode == "rba" else None
         if st.mode == "off" or not ref_k:
             out = F.scaled_dot_product_attention(q, k, v)
             return _finish(attn, out, residual, q.dtype)
-
-        if len(ref_k) != st.n_concepts:
-            raise RuntimeError(f"{self.name}: {len(ref_k)} reference K/V for {st.n_concepts} "
-                               "concepts")
         def rest(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([x[:c], x[c + 1 :]], dim=0)
 
         plain = F.scaled_dot_product_attention(rest(q), rest(k), rest(v))
         qc, kc, vc = q[c : c + 1], k[c : c + 1], v[c : c + 1]
-        masks = st.masks_at(grid, q.device)
-        if groups is None:  # RSA, or the first RBA step before any map exists
-            cond = rsa(qc, kc, vc, ref_k, ref_v, masks, st.weights)
+        if st.bias_rsa is not None:  # fast path: biases made outside the UNet
+            bias = st.bias_rba[grid] if st.mode == "rba" else st.bias_rsa[grid]
+            cond = attend(qc, kc, vc, ref_k, ref_v, bias)
         else:
-            cond = rba(qc, kc, vc, ref_k, ref_v, masks, st.weights, groups.to(q.device))
+            groups = st.groups_at(grid) if st.mode == "rba" else None
+            masks = st.masks_at(grid, q.device)
+            if groups is None:  # RSA, or the first RBA step before any map exists
+                cond = rsa(qc, kc, vc, ref_k, ref_v, masks, st.weights)
+            else:
+                cond = rba(qc, kc, vc, ref_k, ref_v, masks, st.weights, groups.to(q.device))
         out = torch.cat([plain[:c], cond, plain[c:]], dim=0)
         return _finish(attn, out, residual, q.dtype)

@@ -258,7 +258,7 @@ class MagicFacePipeline:
             state = AttentionState(
                 latent_hw=latent_hw, target_rows=target_rows, cond_row=target_rows - 1,
                 weights=[r.weight for r in refs], masks=[r.mask for r in refs],
-                map_hw=map_hw, riding_refs=n,
+                map_hw=map_hw, ref_rows=[target_rows + i for i in range(n)],
             )
             original = self._install(state, config.reference_layers)
         candidates = self._prompt_positions(prompt)

@@ -177,7 +177,7 @@ def test_processor_rows_follow_the_method():
     masks = [torch.rand(32, 32) > 0.5, torch.zeros(32, 32, dtype=torch.bool)]
     masks[1][:16] = True
     state = AttentionState(latent_hw=latent_hw, target_rows=2, cond_row=1, weights=[2.0, 3.0],
-                           masks=masks, map_hw=(2, 2), mode="rsa", riding_refs=2)
+                           masks=masks, map_hw=(2, 2), mode="rsa", ref_rows=[2, 3])
     proc = MagicFaceAttnProcessor("up_blocks.3.attentions.0.transformer_blocks.0.attn1", state)
     with torch.no_grad():
         plain = attn(x)
