@@ -189,6 +189,17 @@ def _resize_nearest(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None, None].float(), size=grid, mode="nearest")[0, 0]
 
 
+def masks_for_grid(masks: Sequence[torch.Tensor], grid: tuple[int, int],
+                   device: torch.device | str) -> list[torch.Tensor]:
+    """Pixel masks nearest-resized to a layer grid, flattened to (h*w,) bool."""
+    return [(_resize_nearest(m, grid) > 0.5).reshape(-1).to(device) for m in masks]
+
+
+def groups_for_grid(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A label map nearest-resized to a layer grid, flattened to (h*w,) long."""
+    return _resize_nearest(labels, grid).reshape(-1).long()
+
+
 @dataclass
 class AttentionState:
     """What one `generate` call shares with its processors, passed explicitly.
@@ -228,16 +239,14 @@ class AttentionState:
 
     def masks_at(self, grid: tuple[int, int], device: torch.device) -> list[torch.Tensor]:
         if grid not in self._mask_cache:
-            self._mask_cache[grid] = [
-                (_resize_nearest(m, grid) > 0.5).reshape(-1).to(device) for m in self.masks
-            ]
+            self._mask_cache[grid] = masks_for_grid(self.masks, grid, device)
         return self._mask_cache[grid]
 
     def groups_at(self, grid: tuple[int, int]) -> torch.Tensor | None:
         if self.labels is None:
             return None
         if grid not in self._group_cache:
-            self._group_cache[grid] = _resize_nearest(self.labels, grid).reshape(-1).long()
+            self._group_cache[grid] = groups_for_grid(self.labels, grid)
         return self._group_cache[grid]
 
     def set_labels(self, labels: torch.Tensor | None) -> None:

@@ -54,6 +54,9 @@ class GenerationConfig:
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_h"
     return_semantic_maps: bool = True
+    # The fast loop (static buffers, K/V cache, CUDA graphs). False runs the plain
+    # reference loop, kept to check the fast one against.
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int):

@@ -18,7 +18,9 @@ from .attention import (
     grid_for_tokens,
 )
 from .config import Concept, GenerationConfig
+from .ddim import supports_fast_ddim
 from .guidance import cfg, region_adaptive_cfg
+from .kv_cache import ReferenceKVCache
 from .models import Components, load_components, save_components, tiny_components
 from .reference import (
     PreparedReference,
@@ -26,6 +28,7 @@ from .reference import (
     noised_reference_latents,
     prepare_reference,
 )
+from .sampler import FastSampler
 from .segmentation import latent_semantic_map
 from .tokens import word_token_indices
 
@@ -43,6 +46,8 @@ class MagicFaceResult:
     concept_tokens: list[list[int]] = field(default_factory=list)
     rsa_steps: int = 0
     masks: list[torch.Tensor] = field(default_factory=list)  # letterboxed concept masks
+    cache_hits: int = 0  # references whose K/V came from the cache
+    cache_misses: int = 0  # references computed and stored in the cache
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -77,6 +82,22 @@ class MagicFacePipeline:
         self.sam_predictor = None  # set directly, or loaded from config.sam_checkpoint
         self._sam_key: tuple[str, str] | None = None
         self._lock = threading.Lock()
+        # Reference K/V cache (None: off); see enable_kv_cache.
+        self.kv_cache: ReferenceKVCache | None = None
+        # Capture each step variant as a CUDA graph (CUDA only; fast path only).
+        self.use_cuda_graphs = True
+        self._fast = FastSampler(self)
+
+    def enable_kv_cache(self, device_bytes: int = 4 << 30,
+                        host_bytes: int = 16 << 30) -> ReferenceKVCache:
+        """Cache reference K/V by content hash: a repeated reference skips its
+        reference-path rows. Budgets in bytes (GPU tier, then host spill)."""
+        self.kv_cache = ReferenceKVCache(device_bytes=device_bytes, host_bytes=host_bytes)
+        return self.kv_cache
+
+    def enable_compile(self, mode: str = "default") -> None:
+        """torch.compile the UNet for the fast path (falls back to eager on failure)."""
+        self._fast.enable_compile(mode)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -221,6 +242,14 @@ class MagicFacePipeline:
         concept_tokens = self.concept_tokens(prompt, concepts)
         refs = self.prepare_references(concepts, config)
         with self._lock:
+            if config.fast_path and supports_fast_ddim(self.scheduler):
+                latents, maps, hits, misses = self._fast.sample(
+                    prompt, refs, concept_tokens, config, on_step, self.kv_cache,
+                    self.use_cuda_graphs)
+                return MagicFaceResult(
+                    image=self.decode(latents), semantic_maps=maps, latents=latents,
+                    concept_tokens=concept_tokens, rsa_steps=config.rsa_steps if refs else 0,
+                    masks=[r.mask for r in refs], cache_hits=hits, cache_misses=misses)
             return self._sample(prompt, list(concepts), refs, concept_tokens, config, on_step)
 
     def _sample(self, prompt, concepts, refs, concept_tokens, config, on_step):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["latent_semantic_map", "token_scores"]
+__all__ = ["latent_semantic_map", "token_scores", "token_tables", "labels_from_scores"]
 
 
 def _square(tokens: int) -> tuple[int, int]:
@@ -64,8 +64,23 @@ def latent_semantic_map(
     authors' code; 1 leaves them alone).
     """
     scores = token_scores(cross_maps, self_maps, size, grids=grids)
-    n_tokens = scores.shape[0]
-    candidates = list(range(n_tokens)) if candidate_tokens is None else list(candidate_tokens)
+    tables = token_tables(scores.shape[0], concept_tokens, candidate_tokens, ca_scale,
+                          device=scores.device)
+    return labels_from_scores(scores, *tables)
+
+
+def token_tables(
+    n_tokens: int,
+    concept_tokens: Sequence[Sequence[int]],
+    candidate_tokens: Sequence[int] | None = None,
+    ca_scale: float = 1.0,
+    *,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bias, scale, label_of), each (T,): what the argmax of Eq. 5 needs, as static-shape
+    tensors. Non-candidates get bias -inf; non-concept candidates scale `ca_scale`;
+    `label_of[t]` is the concept (1..N) owning token t, or 0."""
+    candidates = set(range(n_tokens) if candidate_tokens is None else candidate_tokens)
     label_of = torch.zeros(n_tokens, dtype=torch.long)
     for i, toks in enumerate(concept_tokens):
         if not toks:
@@ -74,12 +89,16 @@ def latent_semantic_map(
             if not 0 <= t < n_tokens:
                 raise ValueError(f"token index {t} out of range for {n_tokens} tokens")
             label_of[t] = i + 1
-    # Concept tokens always compete, whatever the candidate list says.
-    candidates += [t for toks in concept_tokens for t in toks]
-    cand = torch.tensor(sorted(set(candidates)), dtype=torch.long)
-    picked = scores[cand.to(scores.device)]
-    cand_labels = label_of[cand].to(scores.device)
-    if ca_scale != 1.0:
-        weight = torch.where(cand_labels > 0, 1.0, float(ca_scale)).to(picked.dtype)
-        picked = picked * weight[:, None, None]
-    return cand_labels[picked.argmax(dim=0)]
+            candidates.add(t)  # concept tokens always compete
+    bias = torch.full((n_tokens,), float("-inf"))
+    bias[sorted(c for c in candidates if 0 <= c < n_tokens)] = 0.0
+    scale = torch.where(label_of > 0, 1.0, float(ca_scale))
+    return bias.to(device), scale.to(device), label_of.to(device)
+
+
+def labels_from_scores(scores: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
+                       label_of: torch.Tensor) -> torch.Tensor:
+    """Argmax over tokens of (T, h, w) scores, mapped to concept labels."""
+    weighted = scores * scale[:, None, None].to(scores.dtype) + bias[:, None, None].to(
+        scores.dtype)
+    return label_of[weighted.argmax(dim=0)]

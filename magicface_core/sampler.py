@@ -1,0 +1,338 @@
+"""The fast sampling loop: same method and output as the reference loop in
+pipeline.py, arranged for speed.
+
+- Every per-step input lives in a static buffer (`io`), and a step is a function of
+  those buffers only: RSA/RBA biases are made once per call (RBA's per-query bias
+  is one gather from an (N+1, Lk) table per step), the semantic-map argmax uses
+  fixed-size token tables, DDIM coefficients are precomputed. No host-device sync
+  inside the loop, so on CUDA each step variant is captured once as a CUDA graph
+  and replayed.
+- Reference K/V come from the cache when a reference was seen before; only the
+  missing references ride in the UNet batch, and their K/V are stored on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .attention import (
+    AttentionState,
+    grid_for_tokens,
+    groups_for_grid,
+    masks_for_grid,
+    rba_table,
+    rsa_bias,
+)
+from .ddim import ddim_coefficients, ddim_step
+from .guidance import region_adaptive_cfg
+from .kv_cache import KVEntry, ReferenceKVCache, reference_cache_key
+from .reference import PreparedReference, encode_latents, noised_reference_latents
+from .segmentation import labels_from_scores, token_scores, token_tables
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FastSampler"]
+
+MAX_PLANS = 4
+
+
+@dataclass
+class _Plan:
+    """Static buffers, attention state and captured graphs of one call signature."""
+
+    io: dict[str, Any]
+    state: AttentionState | None
+    target_rows: int
+    levels: list[tuple[int, int]]
+    graphs: dict[tuple[str, bool], Any] = field(default_factory=dict)
+    # The K/V tensors each captured graph writes for the riding references.
+    graph_capture: dict[tuple[str, bool], dict] = field(default_factory=dict)
+    pool: Any = None
+
+
+def _levels(latent_hw: tuple[int, int], n: int = 4) -> list[tuple[int, int]]:
+    h, w = latent_hw
+    out = []
+    for _ in range(n):
+        out.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return out
+
+
+class FastSampler:
+    """Owned by a MagicFacePipeline; holds the per-signature plans and graphs."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self.unet_call: Callable = pipe.unet
+        self.compiled = False
+
+    # -- compile ----------------------------------------------------------------------
+    def enable_compile(self, mode: str = "default") -> None:
+        """torch.compile the UNet (inductor). On CUDA the step is still captured as a
+        CUDA graph by us, so pick a mode without its own cudagraphs."""
+        self.unet_call = torch.compile(self.pipe.unet, mode=mode, dynamic=False)
+        self.compiled = True
+        self.plans.clear()
+
+    def _call_unet(self, *args, **kwargs):
+        try:
+            return self.unet_call(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back
+            if not self.compiled:
+                raise
+            log.warning("torch.compile failed (%s); falling back to eager", e)
+            self.unet_call, self.compiled = self.pipe.unet, False
+            return self.pipe.unet(*args, **kwargs)
+
+    # -- one call ---------------------------------------------------------------------
+    def sample(self, prompt: str, refs: list[PreparedReference], concept_tokens, config,
+               on_step, cache: ReferenceKVCache | None, use_graphs: bool):
+        pipe = self.pipe
+        from diffusers.utils.torch_utils import randn_tensor
+
+        device, dtype = pipe.device, pipe.dtype
+        n = len(refs)
+        do_cfg = config.guidance_scale > 1.0
+        t_rows = 2 if do_cfg else 1
+        use_graphs = use_graphs and device.type == "cuda"
+
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(config.steps, device=device)
+        timesteps = scheduler.timesteps
+        coef = ddim_coefficients(scheduler, timesteps).to(device)
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+
+        f = pipe.vae_scale_factor
+        latent_hw = (config.height // f, config.width // f)
+        generator = torch.Generator("cpu").manual_seed(config.seed)
+        latents = randn_tensor((1, pipe.unet.config.in_channels, *latent_hw),
+                               generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+        ref_seed = config.seed if config.reference_seed is None else config.reference_seed
+
+        # Which references come from the cache and which ride in the batch.
+        keys: list[str | None] = [None] * n
+        entries: list[KVEntry | None] = [None] * n
+        if cache is not None:
+            schedule = repr(sorted(scheduler.config.items()))
+            for i, r in enumerate(refs):
+                keys[i] = reference_cache_key(
+                    model=pipe.model_name, image=np.asarray(r.image), prompt=r.prompt,
+                    height=config.height, width=config.width, steps=config.steps,
+                    noise_seed=ref_seed, concept_index=i, layers=config.reference_layers,
+                    dtype=dtype, schedule=schedule)
+                entries[i] = cache.get(keys[i])
+        riding = [i for i in range(n) if entries[i] is None]
+        cached = [i for i in range(n) if entries[i] is not None]
+
+        cond = pipe.encode_prompt([prompt])
+        embeds = [pipe.encode_prompt([config.negative_prompt]), cond] if do_cfg else [cond]
+        if riding:
+            embeds.append(pipe.encode_prompt([refs[i].prompt for i in riding]))
+        embeds = torch.cat(embeds)
+        noisy = None
+        if riding:
+            z = encode_latents(pipe.vae, torch.cat([refs[i].pixels for i in riding]))
+            noisy = noised_reference_latents(scheduler, z.to(dtype), timesteps, ref_seed,
+                                             riding)
+
+        map_hw = _levels(latent_hw, 4)[{1: 0, 2: 1, 4: 2, 8: 3}[config.map_downscale]]
+        sig = (latent_hw, t_rows, tuple(riding), tuple(cached), n, map_hw,
+               config.reference_layers, dtype, str(device), config.region_guidance,
+               config.region_guidance_min, config.region_guidance_max, prediction_type,
+               use_graphs, self.compiled, embeds.shape)
+        plan = self._plan(sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
+                          dtype)
+        io, st = plan.io, plan.state
+
+        # Fill the static buffers for this call.
+        io["latents"].copy_(latents)
+        io["embeds"].copy_(embeds)
+        io["g"].fill_(float(config.guidance_scale))
+        io["labels"].zero_()
+        if n:
+            for grid in plan.levels:
+                masks = masks_for_grid([r.mask for r in refs], grid, device)
+                lq = grid[0] * grid[1]
+                weights = [r.weight for r in refs]
+                io["bias_rsa"][grid].copy_(rsa_bias(lq, masks, weights, dtype=dtype,
+                                                    device=device))
+                io["rba_table"][grid].copy_(rba_table(lq, masks, weights, dtype=dtype,
+                                                      device=device))
+            positions = pipe._prompt_positions(prompt)
+            tb, ts, tl = token_tables(io["token_bias"].numel(), concept_tokens, positions,
+                                      config.ca_scale, device=device)
+            io["token_bias"].copy_(tb)
+            io["token_scale"].copy_(ts)
+            io["label_of"].copy_(tl)
+
+        store: dict[int, list] = {i: [] for i in riding} if cache is not None else {}
+        original = pipe._install(st, config.reference_layers) if n else None
+        rsa_steps = max(config.rsa_steps, 1)
+        maps = (torch.zeros(config.steps, *map_hw, dtype=torch.long, device=device)
+                if n and config.return_semantic_maps else None)
+        try:
+            for i in range(config.steps):
+                io["t"].copy_(timesteps[i])
+                io["coef"].copy_(coef[i])
+                if noisy is not None:
+                    io["refs"].copy_(noisy[i])
+                for j in cached:
+                    for name, (k, v) in entries[j].steps[i].items():
+                        bk, bv = io["kv"][name][j]
+                        bk.copy_(k, non_blocking=True)
+                        bv.copy_(v, non_blocking=True)
+                mode = "off" if not n else ("rsa" if i < rsa_steps else "rba")
+                record = bool(n) and (config.return_semantic_maps or i >= rsa_steps - 1)
+                captured = self._run(plan, mode, record, use_graphs, config, do_cfg,
+                                     prediction_type)
+                if maps is not None:
+                    maps[i].copy_(io["labels"])
+                for j in store:
+                    store[j].append({name: (kv[j][0].clone(), kv[j][1].clone())
+                                     for name, kv in captured.items()})
+                if on_step is not None:
+                    on_step(i + 1, config.steps)
+        finally:
+            if original is not None:
+                pipe.unet.set_attn_processor(original)
+        for j, steps in store.items():
+            cache.put(keys[j], KVEntry(steps))
+        return (io["latents"].clone(), [] if maps is None else list(maps.cpu()),
+                len(cached), len(riding) if cache is not None else 0)
+
+    # -- plans and steps --------------------------------------------------------------
+    def _plan(self, sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
+              dtype) -> _Plan:
+        if sig in self.plans:
+            self.plans.move_to_end(sig)
+            return self.plans[sig]
+        pipe = self.pipe
+        c = pipe.unet.config.in_channels
+        io: dict[str, Any] = {
+            "latents": torch.zeros(1, c, *latent_hw, device=device, dtype=dtype),
+            "embeds": torch.zeros_like(embeds),
+            "t": torch.zeros((), dtype=torch.long, device=device),
+            "coef": torch.zeros(4, dtype=torch.float32, device=device),
+            "g": torch.zeros((), dtype=torch.float32, device=device),
+            "labels": torch.zeros(map_hw, dtype=torch.long, device=device),
+        }
+        if riding:
+            io["refs"] = torch.zeros(len(riding), c, *latent_hw, device=device, dtype=dtype)
+        levels = _levels(latent_hw, 4)
+        state = None
+        if n:
+            ref_rows: list[int | None] = [None] * n
+            for row, i in enumerate(riding):
+                ref_rows[i] = t_rows + row
+            state = AttentionState(latent_hw=latent_hw, target_rows=t_rows,
+                                   cond_row=t_rows - 1, weights=[1.0] * n, masks=[], map_hw=map_hw,
+                                   ref_rows=ref_rows)
+            io["bias_rsa"], io["rba_table"] = {}, {}
+            for grid in levels:
+                lq = grid[0] * grid[1]
+                io["bias_rsa"][grid] = torch.zeros(lq * (n + 1), dtype=dtype, device=device)
+                io["rba_table"][grid] = torch.zeros(n + 1, lq * (n + 1), dtype=dtype,
+                                                    device=device)
+            state.bias_rsa = io["bias_rsa"]
+            # Cached references: static K/V buffers shaped like the cache entry.
+            io["kv"] = {}
+            for j, e in enumerate(entries):
+                if e is None:
+                    continue
+                for name, (k, v) in e.steps[0].items():
+                    io["kv"].setdefault(name, {})[j] = (
+                        torch.zeros(k.shape, dtype=dtype, device=device),
+                        torch.zeros(v.shape, dtype=dtype, device=device))
+            state.kv_inputs = io["kv"]
+            state.capture_kv = {} if riding else None
+            t = pipe.tokenizer.model_max_length
+            io["token_bias"] = torch.zeros(t, device=device)
+            io["token_scale"] = torch.ones(t, device=device)
+            io["label_of"] = torch.zeros(t, dtype=torch.long, device=device)
+        plan = _Plan(io=io, state=state, target_rows=t_rows, levels=levels)
+        if device.type == "cuda":
+            plan.pool = torch.cuda.graph_pool_handle()
+        self.plans[sig] = plan
+        while len(self.plans) > MAX_PLANS:
+            self.plans.popitem(last=False)
+        return plan
+
+    def _run(self, plan: _Plan, mode: str, record: bool, use_graphs: bool, config, do_cfg,
+             prediction_type) -> dict:
+        """One step, eagerly or by replaying its CUDA graph. Returns the tensors that
+        hold the riding references' K/V after the step."""
+        st = plan.state
+        if not use_graphs:
+            self._step(plan, mode, record, config, do_cfg, prediction_type)
+            return dict(st.capture_kv) if st is not None and st.capture_kv is not None else {}
+        key = (mode, record)
+        graph = plan.graphs.get(key)
+        if graph is None:
+            io = plan.io
+            saved = {k: io[k].clone() for k in ("latents", "labels")}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: allocator, cuDNN/compile choices
+                self._step(plan, mode, record, config, do_cfg, prediction_type)
+            torch.cuda.current_stream().wait_stream(side)
+            for k, v in saved.items():
+                io[k].copy_(v)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=plan.pool):
+                self._step(plan, mode, record, config, do_cfg, prediction_type)
+            plan.graphs[key] = graph
+            plan.graph_capture[key] = (dict(st.capture_kv) if st is not None
+                                       and st.capture_kv is not None else {})
+        graph.replay()
+        return plan.graph_capture[key]
+
+    def _step(self, plan: _Plan, mode: str, record: bool, config, do_cfg: bool,
+              prediction_type: str) -> None:
+        """The whole step as a function of plan.io: UNet, semantic map, CFG, DDIM."""
+        io, st, t_rows = plan.io, plan.state, plan.target_rows
+        if st is not None:
+            st.mode, st.record_maps = mode, record
+            st.reset_maps()
+            st.bias_rba.clear()
+            if st.capture_kv is not None:
+                st.capture_kv.clear()
+            if mode == "rba":
+                for grid in plan.levels:
+                    groups = groups_for_grid(io["labels"], grid)
+                    st.bias_rba[grid] = io["rba_table"][grid][groups]
+        x = io["latents"]
+        parts = [x] * t_rows + ([io["refs"]] if "refs" in io else [])
+        eps = self._call_unet(torch.cat(parts), io["t"], encoder_hidden_states=io["embeds"],
+                              return_dict=False)[0][:t_rows]
+        labels = None
+        if st is not None and record:
+            blocks = [b for b in st.cross_maps if b in st.self_maps]
+            cross = [st.cross_maps[b] for b in blocks]
+            scores = token_scores(cross, [st.self_maps[b] for b in blocks], st.map_hw,
+                                  grids=[grid_for_tokens(c.shape[0], st.latent_hw)
+                                         for c in cross])
+            labels = labels_from_scores(scores, io["token_bias"], io["token_scale"],
+                                        io["label_of"])
+        if do_cfg:
+            eps_u, eps_c = eps.chunk(2)
+            if config.region_guidance and labels is not None:
+                noise_pred = region_adaptive_cfg(eps_u, eps_c, io["g"], labels, st.n_concepts + 1,
+                                                 config.region_guidance_min,
+                                                 config.region_guidance_max)
+            else:
+                noise_pred = eps_u + io["g"].to(eps.dtype) * (eps_c - eps_u)
+        else:
+            noise_pred = eps
+        x.copy_(ddim_step(x, noise_pred, io["coef"], prediction_type))
+        if labels is not None:
+            io["labels"].copy_(labels)

@@ -1,0 +1,123 @@
+"""The fast loop against the reference loop, the K/V cache, and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magicface_core import Concept, GenerationConfig, MagicFacePipeline
+from magicface_core.ddim import ddim_coefficients, ddim_step
+from magicface_core.kv_cache import KVEntry, ReferenceKVCache
+
+from .conftest import example_concepts, mask_image, noise_image
+
+
+@pytest.mark.parametrize("name,limit,alpha,extra", [
+    ("Paul", 3, 0.4, {}),
+    ("Cartoon", 2, 0.0, {}),
+    ("Monroe", 1, 1.0, {}),
+    ("Paul", 2, 0.6, {"region_guidance": True, "ca_scale": 0.5}),
+    ("Paul", 2, 0.4, {"guidance_scale": 1.0}),
+])
+def test_fast_path_matches_reference_loop(pipe, name, limit, alpha, extra):
+    prompt, concepts = example_concepts(name, limit)
+    cfg = GenerationConfig(steps=6, height=128, width=128, seed=5, alpha=alpha, **extra)
+    fast = pipe.generate(prompt, concepts, cfg)
+    slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
+    torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
+    assert len(fast.semantic_maps) == len(slow.semantic_maps) == 6
+    # Label maps are argmaxes: allow a rare flip where two scores tie to rounding.
+    for a, b in zip(fast.semantic_maps, slow.semantic_maps, strict=True):
+        assert (a != b).float().mean() <= 0.05
+
+
+def test_fast_path_matches_without_concepts(pipe):
+    cfg = GenerationConfig(steps=4, height=128, width=64, seed=2)
+    fast = pipe.generate("a photo of a man", [], cfg)
+    slow = pipe.generate("a photo of a man", [], cfg.replace(fast_path=False))
+    torch.testing.assert_close(fast.latents, slow.latents, atol=1e-5, rtol=1e-4)
+
+
+def test_ddim_step_equals_diffusers(pipe):
+    from diffusers import DDIMScheduler
+
+    for prediction_type in ("epsilon", "v_prediction"):
+        sched = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+        sched.set_timesteps(7)
+        coef = ddim_coefficients(sched, sched.timesteps)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, 8, 8, generator=g)
+        for i, t in enumerate(sched.timesteps):
+            out = torch.randn(1, 4, 8, 8, generator=g)
+            want = sched.step(out, t, x, eta=0.0).prev_sample
+            got = ddim_step(x, out, coef[i], prediction_type)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            x = want
+
+
+def test_cache_hit_equals_cache_miss():
+    pipe = MagicFacePipeline.tiny(seed=0)
+    cache = pipe.enable_kv_cache()
+    prompt, concepts = example_concepts("Paul", 2)
+    cfg = GenerationConfig(steps=5, height=128, width=128, seed=9)
+    miss = pipe.generate(prompt, concepts, cfg)
+    assert (miss.cache_hits, miss.cache_misses) == (0, 2)
+    assert len(cache) == 2 and cache.stats.misses == 2
+    hit = pipe.generate(prompt, concepts, cfg)
+    assert (hit.cache_hits, hit.cache_misses) == (2, 0)
+    torch.testing.assert_close(hit.latents, miss.latents, atol=1e-5, rtol=1e-4)
+    # Reference K/V do not depend on the target prompt, mask or weight: a new prompt
+    # and weight still hit and match an uncached run.
+    other = [Concept(image=concepts[0].image, mask=concepts[0].mask, word="man", weight=1.5,
+                     reference_prompt=concepts[0].reference_prompt),
+             Concept(image=noise_image(3), mask=mask_image(box=(0, 0, 50, 50)), word="hat")]
+    mixed = pipe.generate("a man in a hat", other, cfg)
+    assert (mixed.cache_hits, mixed.cache_misses) == (1, 1)
+    pipe.kv_cache = None
+    uncached = pipe.generate("a man in a hat", other, cfg)
+    torch.testing.assert_close(mixed.latents, uncached.latents, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_key_covers_what_changes_kv():
+    pipe = MagicFacePipeline.tiny(seed=0)
+    cache = pipe.enable_kv_cache()
+    prompt, concepts = example_concepts("Paul", 1)
+    cfg = GenerationConfig(steps=3, height=128, width=128, seed=1)
+    pipe.generate(prompt, concepts, cfg)
+    for change in (dict(seed=2), dict(steps=4), dict(width=192)):
+        assert pipe.generate(prompt, concepts, cfg.replace(**change)).cache_hits == 0
+    # A pinned reference seed shares K/V across target seeds.
+    pinned = cfg.replace(reference_seed=77)
+    pipe.generate(prompt, concepts, pinned)
+    assert pipe.generate(prompt, concepts, pinned.replace(seed=5)).cache_hits == 1
+    assert cache.stats.hits >= 1
+
+
+def _entry(nbytes_per_tensor: int, device="cpu") -> KVEntry:
+    n = nbytes_per_tensor // 4
+    return KVEntry([{"l": (torch.zeros(n, device=device), torch.zeros(n, device=device))}])
+
+
+def test_cache_budget_evicts_least_recently_used():
+    cache = ReferenceKVCache(device_bytes=0, host_bytes=3000)
+    for key in "abc":
+        cache.put(key, _entry(400))  # 800 bytes each
+    assert len(cache) == 3 and cache.host_used == 2400
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", _entry(400))
+    assert "b" not in cache and "a" in cache and "d" in cache
+    assert cache.host_used <= 3000
+    cache.put("huge", _entry(4000))
+    assert "huge" not in cache and cache.stats.evictions >= 2
+    assert cache.get("zzz") is None and cache.stats.misses == 1
+
+
+def test_compiled_path_equals_eager():
+    pipe = MagicFacePipeline.tiny(seed=0)
+    prompt, concepts = example_concepts("Paul", 2)
+    cfg = GenerationConfig(steps=3, height=128, width=128, seed=4)
+    eager = pipe.generate(prompt, concepts, cfg)
+    pipe.enable_compile()
+    compiled = pipe.generate(prompt, concepts, cfg)
+    assert pipe._fast.compiled, "torch.compile fell back to eager on CPU"
+    torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-4, rtol=1e-3)
