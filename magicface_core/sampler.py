@@ -74,6 +74,8 @@ class FastSampler:
         self.plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self.unet_call: Callable = pipe.unet
         self.compiled = False
+        # Benchmarks set this to make any host-device sync inside the loop an error.
+        self.check_syncs = False
 
     # -- compile ----------------------------------------------------------------------
     def enable_compile(self, mode: str = "default") -> None:
@@ -180,7 +182,10 @@ class FastSampler:
         rsa_steps = max(config.rsa_steps, 1)
         maps = (torch.zeros(config.steps, *map_hw, dtype=torch.long, device=device)
                 if n and config.return_semantic_maps else None)
+        check = self.check_syncs and device.type == "cuda"
         try:
+            if check:
+                torch.cuda.set_sync_debug_mode("error")
             for i in range(config.steps):
                 io["t"].copy_(timesteps[i])
                 io["coef"].copy_(coef[i])
@@ -203,6 +208,8 @@ class FastSampler:
                 if on_step is not None:
                     on_step(i + 1, config.steps)
         finally:
+            if check:
+                torch.cuda.set_sync_debug_mode(0)
             if original is not None:
                 pipe.unet.set_attn_processor(original)
         for j, steps in store.items():

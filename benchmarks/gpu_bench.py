@@ -1,0 +1,305 @@
+"""MagicFace speed on one GPU: vanilla SD1.5, MagicFace (N = 1, 2, 3; K/V cached and
+not; eager and CUDA-graph), and the authors' compute pattern, in one process.
+
+    python benchmarks/gpu_bench.py --out benchmarks/results/h100.json
+    python benchmarks/gpu_bench.py --cpu --tiny --repeats 1 --steps 3   # CPU smoke run
+
+SD1.5-shaped components with random weights (speed does not depend on weight values),
+512x512, 50 DDIM steps, CFG 7.5, end to end (prompt encoding, reference VAE encoding,
+sampling, VAE decoding). Each case: warm-up runs (CUDA-graph capture, cache fill),
+then the median of --repeats timed runs. Results are written after every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from authors_pattern import run_authors_pattern  # noqa: E402
+
+from magicface_core import Concept, GenerationConfig, MagicFacePipeline  # noqa: E402
+from magicface_core.models import Components, tiny_components, write_tiny_tokenizer  # noqa: E402
+
+PROMPT = "a man with a hat wearing sunglasses"
+
+
+def sd15_components(device: torch.device, dtype: torch.dtype) -> Components:
+    """The real SD1.5 architecture (configs as published), random weights."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+            cross_attention_dim=768, norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = CLIPTokenizer(str(write_tiny_tokenizer(tmp, words=tuple(PROMPT.split()))
+                                    / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                                model_max_length=77)
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+            projection_dim=768, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id))
+    # Keep activations finite in fp16: random init has no trained normalisation.
+    for m in (unet, vae, text):
+        m.to(dtype=dtype).eval()
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return Components(unet, vae, text, tok, sched)
+
+
+def references(n: int) -> list[Concept]:
+    ex = ROOT / "examples" / "synthetic"
+    face = Image.open(ex / "face.png").convert("RGB")
+    hat = Image.open(ex / "hat.png").convert("RGB")
+    rng = np.random.default_rng(0)
+    glasses = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    gmask = Image.new("L", glasses.size, 0)
+    gmask.paste(255, (50, 60, 250, 140))
+    all_refs = [
+        Concept(image=face, mask=Image.open(ex / "face_mask.png"), word="man", weight=3.0,
+                reference_prompt="a man"),
+        Concept(image=hat, mask=Image.open(ex / "hat_mask.png"), word="hat", weight=2.0,
+                reference_prompt="a man"),
+        Concept(image=glasses, mask=gmask, word="sunglasses", weight=2.0,
+                reference_prompt="a man wearing sunglasses"),
+    ]
+    return all_refs[:n]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device, repeats: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    out = {"median_s": statistics.median(times), "runs_s": times}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke runs)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--authors-repeats", type=int, default=None,
+                   help="timed runs of the (slow) authors' pattern; default --repeats")
+    p.add_argument("--no-diffusers-compile", action="store_true",
+                   help="skip torch.compile of diffusers' pipeline (slow to compile)")
+    p.add_argument("--inductor", action="store_true",
+                   help="also time MagicFace N=2 with the UNet compiled by inductor")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="skip the remaining optional cases past this wall time")
+    args = p.parse_args(argv)
+
+    start = time.perf_counter()
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    size = args.size or (128 if args.tiny else 512)
+    comps = tiny_components(0) if args.tiny else sd15_components(device, dtype)
+    pipe = MagicFacePipeline.from_components(comps, model_name="bench").to(device, dtype)
+    cfg = GenerationConfig(steps=args.steps, guidance_scale=7.5, alpha=0.4, seed=1,
+                           height=size, width=size, return_semantic_maps=False)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+        or "cpu",
+        "torch": torch.__version__, "dtype": str(dtype), "size": size, "steps": args.steps,
+        "model": "tiny" if args.tiny else "SD1.5 architecture, random weights",
+        "repeats": args.repeats, "cases": {},
+    }
+
+    def fresh() -> None:
+        # Each case measures its own graphs and buffers: drop the previous case's.
+        pipe._fast.plans.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def record(name: str, stats: dict) -> None:
+        result["cases"][name] = stats
+        print(f"{name:<42} {stats.get('median_s', float('nan')):8.3f} s"
+              + (f"  peak {stats['peak_gib']:.2f} GiB" if "peak_gib" in stats else ""),
+              flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+
+    def over_budget() -> bool:
+        return time.perf_counter() - start > args.budget_s
+
+    rep, warm = args.repeats, args.warmup
+    for graphs in (False, True):
+        pipe.use_cuda_graphs = graphs
+        tag = "graph" if graphs and device.type == "cuda" else "eager"
+        if graphs and device.type != "cuda":
+            break
+        fresh()
+        record(f"ours vanilla ({tag})",
+               measure(lambda: pipe.generate(PROMPT, [], cfg), device, rep, warm))
+        for n in (1, 2, 3):
+            concepts = references(n)
+            pipe.kv_cache = None
+            fresh()
+            record(f"magicface N={n} uncached ({tag})",
+                   measure(lambda c=concepts: pipe.generate(PROMPT, c, cfg), device, rep, warm))
+            pipe.enable_kv_cache()
+            fresh()
+            record(f"magicface N={n} cached ({tag})",
+                   measure(lambda c=concepts: pipe.generate(PROMPT, c, cfg), device, rep,
+                           max(warm, 1)))
+            pipe.kv_cache = None
+
+    # The CUDA-graph loop computes what the eager loop computes.
+    if device.type == "cuda":
+        concepts = references(2)
+        outs = {}
+        for graphs in (False, True):
+            pipe.use_cuda_graphs = graphs
+            fresh()
+            outs[graphs] = pipe.generate(PROMPT, concepts, cfg).latents.float()
+        diff = (outs[True] - outs[False]).norm() / outs[False].norm().clamp_min(1e-12)
+        result["graph_vs_eager_rel_err"] = float(diff)
+        result["latents_finite"] = bool(torch.isfinite(outs[True]).all())
+        print(f"graph vs eager relative error {float(diff):.2e}, finite "
+              f"{result['latents_finite']}", flush=True)
+
+    # No host-device sync inside the step loop (warm plans: graphs already captured).
+    if device.type == "cuda":
+        checks = {}
+        for graphs in (True, False):
+            pipe.use_cuda_graphs = graphs
+            pipe.generate(PROMPT, references(2), cfg)
+            pipe._fast.check_syncs = True
+            try:
+                pipe.generate(PROMPT, references(2), cfg)
+                checks["graph" if graphs else "eager"] = "no sync in the step loop"
+            except RuntimeError as e:
+                checks["graph" if graphs else "eager"] = f"sync found: {e}"[:300]
+            finally:
+                pipe._fast.check_syncs = False
+                torch.cuda.set_sync_debug_mode(0)
+        result["sync_check"] = checks
+        print("sync check:", checks, flush=True)
+    pipe.use_cuda_graphs = True
+
+    # The authors' compute pattern: fp32, explicit attention, batch 2(1+N).
+    a_rep = args.authors_repeats or rep
+    pipe32 = pipe.to(dtype=torch.float32) if dtype != torch.float32 else pipe
+    for n in (1, 2, 3):
+        if over_budget():
+            print(f"skipping authors' pattern N={n}: over budget", flush=True)
+            continue
+        concepts = references(n)
+        refs = pipe32.prepare_references(concepts, cfg)
+        tokens = pipe32.concept_tokens(PROMPT, concepts)
+        record(f"authors' pattern N={n} (fp32, explicit)",
+               measure(lambda r=refs, t=tokens: run_authors_pattern(pipe32, PROMPT, r, t, cfg),
+                       device, a_rep, 1))
+    pipe.to(dtype=dtype)
+    pipe._fast.plans.clear()
+
+    # Vanilla diffusers.
+    from diffusers import StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                 tokenizer=pipe.tokenizer, unet=pipe.unet,
+                                 scheduler=pipe.scheduler, safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+
+    def run_sd():
+        sd(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, height=size,
+           width=size, generator=torch.Generator("cpu").manual_seed(1))
+
+    record("diffusers SD1.5 (eager)", measure(run_sd, device, rep, warm))
+    if device.type == "cuda" and not args.no_diffusers_compile and not over_budget():
+        unet = sd.unet
+        sd.unet = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
+        record("diffusers SD1.5 (compiled, reduce-overhead)",
+               measure(run_sd, device, rep, max(warm, 2)))
+        sd.unet = unet
+    if args.inductor and not over_budget():
+        pipe.enable_compile("default")
+        concepts = references(2)
+        record("magicface N=2 uncached (inductor+graph)",
+               measure(lambda: pipe.generate(PROMPT, concepts, cfg), device, rep, 2))
+        pipe.enable_kv_cache()
+        record("magicface N=2 cached (inductor+graph)",
+               measure(lambda: pipe.generate(PROMPT, concepts, cfg), device, rep, 2))
+
+    summarize(result)
+    result["wall_s"] = time.perf_counter() - start
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def summarize(result: dict) -> None:
+    c = {k: v["median_s"] for k, v in result["cases"].items()}
+    tag = "graph" if "ours vanilla (graph)" in c else "eager"
+    s: dict = {}
+    if f"magicface N=2 uncached ({tag})" in c:
+        mf2 = c[f"magicface N=2 uncached ({tag})"]
+        s["n2_uncached_s"] = mf2
+        if "authors' pattern N=2 (fp32, explicit)" in c:
+            s["speedup_vs_authors_pattern_n2"] = c["authors' pattern N=2 (fp32, explicit)"] / mf2
+        s["n2_cached_over_vanilla"] = c[f"magicface N=2 cached ({tag})"] / c[
+            f"ours vanilla ({tag})"]
+        per = [c[f"magicface N={n} uncached ({tag})"] for n in (1, 2, 3)]
+        s["uncached_cost_per_extra_concept_s"] = (per[2] - per[0]) / 2
+        per_c = [c[f"magicface N={n} cached ({tag})"] for n in (1, 2, 3)]
+        s["cached_cost_per_extra_concept_s"] = (per_c[2] - per_c[0]) / 2
+        peaks = result["cases"][f"magicface N=3 uncached ({tag})"].get("peak_gib")
+        vpeak = result["cases"][f"ours vanilla ({tag})"].get("peak_gib")
+        if peaks and vpeak:
+            s["n3_uncached_peak_over_vanilla"] = peaks / vpeak
+    result["summary"] = s
+    print("summary:", json.dumps(s, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
