@@ -207,8 +207,8 @@ class AttentionState:
     Batch layout of every UNet call: the target rows first (uncond, cond with CFG;
     cond alone without), then one row per reference concept riding along.
     `ref_rows[i]` is concept i's row, or None when its K/V come from `kv_inputs`
-    (the cache). The fast path precomputes the biases (`bias_rsa` per grid, and
-    `bias_rba` per grid each step) so the processors only read tensors.
+    (the cache). The fast path sets `bias` (grid -> per-query bias, made outside the
+    UNet each step) so the processors only read tensors and have one code path.
     """
 
     latent_hw: tuple[int, int]
@@ -217,7 +217,7 @@ class AttentionState:
     weights: list[float]
     masks: list[torch.Tensor]  # pixel-resolution bool masks, one per concept
     map_hw: tuple[int, int]
-    mode: str = "off"  # "off" | "rsa" | "rba"
+    mode: str = "off"  # "off" | "rsa" | "rba" | "fast" (read `bias`)
     ref_rows: list[int | None] = field(default_factory=list)
     labels: torch.Tensor | None = None  # semantic map (map_hw) driving RBA
     record_maps: bool = False
@@ -226,8 +226,7 @@ class AttentionState:
         default_factory=dict)
     # When set, the riding references' K/V at each modified layer are stored here.
     capture_kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
-    bias_rsa: dict[tuple[int, int], torch.Tensor] | None = None
-    bias_rba: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    bias: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     self_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     _mask_cache: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
@@ -375,9 +374,8 @@ class MagicFaceAttnProcessor:
 
         plain = F.scaled_dot_product_attention(rest(q), rest(k), rest(v))
         qc, kc, vc = q[c : c + 1], k[c : c + 1], v[c : c + 1]
-        if st.bias_rsa is not None:  # fast path: biases made outside the UNet
-            bias = st.bias_rba[grid] if st.mode == "rba" else st.bias_rsa[grid]
-            cond = attend(qc, kc, vc, ref_k, ref_v, bias)
+        if st.mode == "fast":  # per-query bias made outside the UNet: RSA or RBA
+            cond = attend(qc, kc, vc, ref_k, ref_v, st.bias[grid])
         else:
             groups = st.groups_at(grid) if st.mode == "rba" else None
             masks = st.masks_at(grid, q.device)

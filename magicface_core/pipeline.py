@@ -301,7 +301,8 @@ class MagicFacePipeline:
                     state.mode = "rsa" if i < rsa_steps else "rba"
                     # A map is needed from the last RSA step on (it drives the next
                     # step's RBA), and at every step when the caller wants them all.
-                    state.record_maps = config.return_semantic_maps or i >= rsa_steps - 1
+                    state.record_maps = (config.return_semantic_maps or config.region_guidance
+                                         or i >= rsa_steps - 1)
                     state.reset_maps()
                     inp = torch.cat([inp, scheduler.scale_model_input(noisy_refs[i], t)])
                 eps = self.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]

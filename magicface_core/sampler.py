@@ -51,9 +51,9 @@ class _Plan:
     state: AttentionState | None
     target_rows: int
     levels: list[tuple[int, int]]
-    graphs: dict[tuple[str, bool], Any] = field(default_factory=dict)
-    # The K/V tensors each captured graph writes for the riding references.
-    graph_capture: dict[tuple[str, bool], dict] = field(default_factory=dict)
+    graph: Any = None
+    # The K/V tensors the captured graph writes for the riding references.
+    graph_capture: dict = field(default_factory=dict)
     pool: Any = None
 
 
@@ -166,10 +166,10 @@ class FastSampler:
                 masks = masks_for_grid([r.mask for r in refs], grid, device)
                 lq = grid[0] * grid[1]
                 weights = [r.weight for r in refs]
-                io["bias_rsa"][grid].copy_(rsa_bias(lq, masks, weights, dtype=dtype,
-                                                    device=device))
-                io["rba_table"][grid].copy_(rba_table(lq, masks, weights, dtype=dtype,
-                                                      device=device))
+                # Rows 0..N: RBA groups; row N+1: RSA (every concept visible).
+                table = io["bias_table"][grid]
+                table[: n + 1].copy_(rba_table(lq, masks, weights, dtype=dtype, device=device))
+                table[n + 1].copy_(rsa_bias(lq, masks, weights, dtype=dtype, device=device))
             positions = pipe._prompt_positions(prompt)
             tb, ts, tl = token_tables(io["token_bias"].numel(), concept_tokens, positions,
                                       config.ca_scale, device=device)
@@ -179,7 +179,9 @@ class FastSampler:
 
         store: dict[int, list] = {i: [] for i in riding} if cache is not None else {}
         original = pipe._install(st, config.reference_layers) if n else None
+        # The first RBA step needs the previous step's map: step 0 is always RSA.
         rsa_steps = max(config.rsa_steps, 1)
+        is_rsa = torch.arange(config.steps, device=device) < rsa_steps
         maps = (torch.zeros(config.steps, *map_hw, dtype=torch.long, device=device)
                 if n and config.return_semantic_maps else None)
         check = self.check_syncs and device.type == "cuda"
@@ -196,10 +198,9 @@ class FastSampler:
                         bk, bv = io["kv"][name][j]
                         bk.copy_(k, non_blocking=True)
                         bv.copy_(v, non_blocking=True)
-                mode = "off" if not n else ("rsa" if i < rsa_steps else "rba")
-                record = bool(n) and (config.return_semantic_maps or i >= rsa_steps - 1)
-                captured = self._run(plan, mode, record, use_graphs, config, do_cfg,
-                                     prediction_type)
+                if n:
+                    io["is_rsa"].copy_(is_rsa[i])
+                captured = self._run(plan, use_graphs, config, do_cfg, prediction_type)
                 if maps is not None:
                     maps[i].copy_(io["labels"])
                 for j in store:
@@ -244,13 +245,13 @@ class FastSampler:
             state = AttentionState(latent_hw=latent_hw, target_rows=t_rows,
                                    cond_row=t_rows - 1, weights=[1.0] * n, masks=[], map_hw=map_hw,
                                    ref_rows=ref_rows)
-            io["bias_rsa"], io["rba_table"] = {}, {}
+            state.mode = "fast"
+            io["is_rsa"] = torch.zeros((), dtype=torch.bool, device=device)
+            io["bias_table"] = {}
             for grid in levels:
                 lq = grid[0] * grid[1]
-                io["bias_rsa"][grid] = torch.zeros(lq * (n + 1), dtype=dtype, device=device)
-                io["rba_table"][grid] = torch.zeros(n + 1, lq * (n + 1), dtype=dtype,
-                                                    device=device)
-            state.bias_rsa = io["bias_rsa"]
+                io["bias_table"][grid] = torch.zeros(n + 2, lq * (n + 1), dtype=dtype,
+                                                     device=device)
             # Cached references: static K/V buffers shaped like the cache entry.
             io["kv"] = {}
             for j, e in enumerate(entries):
@@ -274,55 +275,54 @@ class FastSampler:
             self.plans.popitem(last=False)
         return plan
 
-    def _run(self, plan: _Plan, mode: str, record: bool, use_graphs: bool, config, do_cfg,
-             prediction_type) -> dict:
+    def _run(self, plan: _Plan, use_graphs: bool, config, do_cfg, prediction_type) -> dict:
         """One step, eagerly or by replaying its CUDA graph. Returns the tensors that
         hold the riding references' K/V after the step."""
         st = plan.state
         if not use_graphs:
-            self._step(plan, mode, record, config, do_cfg, prediction_type)
+            self._step(plan, config, do_cfg, prediction_type)
             return dict(st.capture_kv) if st is not None and st.capture_kv is not None else {}
-        key = (mode, record)
-        graph = plan.graphs.get(key)
-        if graph is None:
+        if plan.graph is None:
             io = plan.io
             saved = {k: io[k].clone() for k in ("latents", "labels")}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: allocator, cuDNN/compile choices
-                self._step(plan, mode, record, config, do_cfg, prediction_type)
+            with torch.cuda.stream(side):  # warm-up: allocator, kernel choices, compile
+                self._step(plan, config, do_cfg, prediction_type)
             torch.cuda.current_stream().wait_stream(side)
             for k, v in saved.items():
                 io[k].copy_(v)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=plan.pool):
-                self._step(plan, mode, record, config, do_cfg, prediction_type)
-            plan.graphs[key] = graph
-            plan.graph_capture[key] = (dict(st.capture_kv) if st is not None
-                                       and st.capture_kv is not None else {})
-        graph.replay()
-        return plan.graph_capture[key]
+                self._step(plan, config, do_cfg, prediction_type)
+            plan.graph = graph
+            plan.graph_capture = (dict(st.capture_kv) if st is not None
+                                  and st.capture_kv is not None else {})
+        plan.graph.replay()
+        return plan.graph_capture
 
-    def _step(self, plan: _Plan, mode: str, record: bool, config, do_cfg: bool,
-              prediction_type: str) -> None:
-        """The whole step as a function of plan.io: UNet, semantic map, CFG, DDIM."""
+    def _step(self, plan: _Plan, config, do_cfg: bool, prediction_type: str) -> None:
+        """The whole step as a function of plan.io: UNet, semantic map, CFG, DDIM.
+
+        One code path for RSA and RBA steps (a per-query bias gathered from a table
+        whose last row is RSA's), so a plan has a single CUDA graph / compiled graph.
+        """
         io, st, t_rows = plan.io, plan.state, plan.target_rows
         if st is not None:
-            st.mode, st.record_maps = mode, record
+            st.record_maps = True
             st.reset_maps()
-            st.bias_rba.clear()
             if st.capture_kv is not None:
                 st.capture_kv.clear()
-            if mode == "rba":
-                for grid in plan.levels:
-                    groups = groups_for_grid(io["labels"], grid)
-                    st.bias_rba[grid] = io["rba_table"][grid][groups]
+            n = st.n_concepts
+            for grid in plan.levels:
+                groups = torch.where(io["is_rsa"], n + 1, groups_for_grid(io["labels"], grid))
+                st.bias[grid] = io["bias_table"][grid][groups]
         x = io["latents"]
         parts = [x] * t_rows + ([io["refs"]] if "refs" in io else [])
         eps = self._call_unet(torch.cat(parts), io["t"], encoder_hidden_states=io["embeds"],
                               return_dict=False)[0][:t_rows]
         labels = None
-        if st is not None and record:
+        if st is not None:
             blocks = [b for b in st.cross_maps if b in st.self_maps]
             cross = [st.cross_maps[b] for b in blocks]
             scores = token_scores(cross, [st.self_maps[b] for b in blocks], st.map_hw,
@@ -333,8 +333,8 @@ class FastSampler:
         if do_cfg:
             eps_u, eps_c = eps.chunk(2)
             if config.region_guidance and labels is not None:
-                noise_pred = region_adaptive_cfg(eps_u, eps_c, io["g"], labels, st.n_concepts + 1,
-                                                 config.region_guidance_min,
+                noise_pred = region_adaptive_cfg(eps_u, eps_c, io["g"], labels,
+                                                 st.n_concepts + 1, config.region_guidance_min,
                                                  config.region_guidance_max)
             else:
                 noise_pred = eps_u + io["g"].to(eps.dtype) * (eps_c - eps_u)
