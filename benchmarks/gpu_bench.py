@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 pipe.enable_kv_cache()
             fresh()
             record(name, measure(lambda c=cs: pipe.generate(PROMPT, c, cfg), device, rep, 2))
+            result["cases"][name]["inductor_active"] = pipe._fast.compiled
         pipe.kv_cache = None
 
     summarize(result)
