@@ -1,7 +1,23 @@
-"""MagicFace: training-free universal-style human image customization on Stable Diffusion."""
+"""MagicFace: training-free universal-style human image customization on Stable Diffusion.
+
+`Concept` and `GenerationConfig` import without torch (the gateway validates with
+them); the pipeline loads torch and diffusers on first use.
+"""
+
+from typing import TYPE_CHECKING
 
 from .config import Concept, GenerationConfig
-from .pipeline import MagicFacePipeline, MagicFaceResult
+
+if TYPE_CHECKING:
+    from .pipeline import MagicFacePipeline, MagicFaceResult
 
 __all__ = ["Concept", "GenerationConfig", "MagicFacePipeline", "MagicFaceResult"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("MagicFacePipeline", "MagicFaceResult"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'magicface_core' has no attribute {name!r}")

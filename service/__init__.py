@@ -1,0 +1,1 @@
+"""The MagicFace HTTP gateway (FastAPI). Imports no torch."""

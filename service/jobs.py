@@ -1,0 +1,161 @@
+"""Job records on RQ: creating, describing and canceling generation jobs.
+
+The canonical state is RQ's job status plus what the worker writes to `job.meta`
+(`state`, `progress`, `error`, `result`, `cache`). Shared by gateway and worker;
+imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from .errors import ApiError
+
+JOB_FUNC = "worker.tasks.generate"
+CANCEL_KEY = "magicface:cancel:{}"
+IDEMPOTENCY_KEY = "magicface:idem:{}"
+WORKER_ALIVE_KEY = "magicface:worker:{}"
+METRICS_KEY = "magicface:metrics"
+DURATION_KEY = "magicface:metrics:duration"
+DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.isoformat().replace("+00:00", "Z")
+
+
+def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s: int) -> Job:
+    return queue.enqueue(
+        JOB_FUNC, job_id, job_id=job_id, job_timeout=timeout_s, result_ttl=result_ttl_s,
+        failure_ttl=result_ttl_s, meta={"state": "queued", "progress": {"step": 0,
+                                                                       "total": steps}},
+    )
+
+
+def fetch(redis: Redis, job_id: str) -> Job:
+    if not job_id or len(job_id) > 64 or not job_id.isalnum():
+        raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
+    try:
+        return Job.fetch(job_id, connection=redis)
+    except NoSuchJobError:
+        raise ApiError(404, "not_found", f"job {job_id!r} does not exist") from None
+
+
+def _failure_error(job: Job) -> dict:
+    meta_error = job.meta.get("error")
+    if meta_error:
+        return meta_error
+    exc = ""
+    try:
+        res = job.latest_result()
+        exc = (res.exc_string or "") if res is not None else ""
+    except Exception:  # noqa: BLE001 - an unreadable result still fails the job
+        exc = ""
+    if "AbandonedJobError" in exc:
+        return {"code": "worker_lost",
+                "message": "the worker running this job stopped before finishing"}
+    if "JobTimeoutException" in exc:
+        return {"code": "timeout", "message": "the job exceeded its time limit"}
+    return {"code": "internal_error", "message": "the job failed unexpectedly"}
+
+
+def status_of(job: Job) -> str:
+    rq_status = job.get_status(refresh=False)
+    state = job.meta.get("state")
+    if state == "canceled" or rq_status in (JobStatus.CANCELED,):
+        return "canceled"
+    if rq_status in (JobStatus.FAILED, JobStatus.STOPPED):
+        return "failed"
+    if rq_status == JobStatus.FINISHED:
+        return "succeeded" if state == "succeeded" else ("canceled" if state == "canceled"
+                                                         else "succeeded")
+    if rq_status == JobStatus.STARTED:
+        return "running"
+    return "queued"
+
+
+def describe(job: Job, queue: Queue) -> dict:
+    job.refresh()
+    status = status_of(job)
+    progress = job.meta.get("progress") or {"step": 0, "total": 0}
+    position = None
+    if status == "queued":
+        pos = queue.get_job_position(job.id)
+        position = pos if pos is not None else None
+    result = None
+    if status == "succeeded":
+        result = {
+            "image_url": f"/v1/jobs/{job.id}/image",
+            "semantic_map_url": (f"/v1/jobs/{job.id}/semantic_map"
+                                 if (job.meta.get("result") or {}).get("semantic_map")
+                                 else None),
+        }
+    error = None
+    if status == "failed":
+        error = _failure_error(job)
+    return {
+        "id": job.id,
+        "status": status,
+        "progress": {"step": int(progress.get("step", 0)), "total": int(progress.get("total",
+                                                                                     0))},
+        "queue_position": position,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.ended_at) if status in TERMINAL else None,
+        "error": error,
+        "result": result,
+        "cache": job.meta.get("cache"),
+    }
+
+
+def cancel(redis: Redis, job: Job) -> None:
+    job.refresh()
+    status = status_of(job)
+    if status in TERMINAL:
+        raise ApiError(409, "job_finished", f"job {job.id} is already {status}")
+    # The flag stops a running job at its next step; it also catches a job that a
+    # worker dequeues between our status read and the cancel below.
+    redis.set(CANCEL_KEY.format(job.id), "1", ex=86400)
+    if status == "queued":
+        job.meta["state"] = "canceled"
+        job.save_meta()
+        try:
+            job.cancel()
+        except Exception:  # noqa: BLE001 - already dequeued: the flag stops it
+            pass
+
+
+def remember_idempotency(redis: Redis, key: str, job_id: str, digest: str, ttl: int) -> str:
+    """Record key -> (job, body hash) unless present; return the job id the key maps to."""
+    name = IDEMPOTENCY_KEY.format(key)
+    if redis.set(name, json.dumps({"job_id": job_id, "hash": digest}), nx=True, ex=ttl):
+        return job_id
+    return lookup_idempotency(redis, key, digest) or job_id
+
+
+def lookup_idempotency(redis: Redis, key: str, digest: str) -> str | None:
+    raw = redis.get(IDEMPOTENCY_KEY.format(key))
+    if raw is None:
+        return None
+    rec = json.loads(raw)
+    if rec["hash"] != digest:
+        raise ApiError(422, "idempotency_conflict",
+                       "Idempotency-Key was already used with a different request body")
+    return rec["job_id"]

@@ -1,0 +1,65 @@
+"""Prometheus metrics, read from Redis at scrape time (the worker writes counters there)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from redis import Redis
+from rq import Queue
+
+from .jobs import DURATION_BUCKETS, DURATION_KEY, METRICS_KEY
+
+
+class RedisCollector:
+    def __init__(self, redis: Redis, queue: Queue):
+        self.redis, self.queue = redis, queue
+
+    def collect(self):
+        q = self.queue
+        by_status = GaugeMetricFamily("magicface_jobs", "Jobs by status (RQ registries)",
+                                      labels=["status"])
+        by_status.add_metric(["queued"], q.count)
+        by_status.add_metric(["running"], q.started_job_registry.count)
+        counters = {k.decode(): float(v) for k, v in self.redis.hgetall(METRICS_KEY).items()}
+        for status in ("succeeded", "failed", "canceled"):
+            by_status.add_metric([status], counters.get(f"jobs_{status}", 0.0))
+        yield by_status
+        depth = GaugeMetricFamily("magicface_queue_depth", "Jobs waiting in the queue")
+        depth.add_metric([], q.count)
+        yield depth
+        hist = {k.decode(): float(v) for k, v in self.redis.hgetall(DURATION_KEY).items()}
+        buckets, cumulative = [], 0.0
+        for b in DURATION_BUCKETS:
+            cumulative = hist.get(f"le_{b}", cumulative)
+            buckets.append((str(float(b)), cumulative))
+        buckets.append(("+Inf", hist.get("count", 0.0)))
+        h = HistogramMetricFamily("magicface_job_duration_seconds",
+                                  "Wall time of finished jobs on the worker")
+        h.add_metric([], buckets, sum_value=hist.get("sum", 0.0))
+        yield h
+        for name in ("hits", "misses"):
+            c = CounterMetricFamily(f"magicface_kv_cache_{name}",
+                                    f"Reference K/V cache {name} reported by workers")
+            c.add_metric([], counters.get(f"kv_cache_{name}", 0.0))
+            yield c
+
+
+def render(redis: Redis, queue: Queue) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(RedisCollector(redis, queue))
+    return generate_latest(registry)
+
+
+def observe_duration(redis: Redis, seconds: float) -> None:
+    """Called by the worker: cumulative histogram buckets in one Redis hash."""
+    pipe = redis.pipeline()
+    for b in DURATION_BUCKETS:
+        if seconds <= b:
+            pipe.hincrbyfloat(DURATION_KEY, f"le_{b}", 1)
+    pipe.hincrbyfloat(DURATION_KEY, "count", 1)
+    pipe.hincrbyfloat(DURATION_KEY, "sum", seconds)
+    pipe.execute()
+
+
+def count(redis: Redis, name: str, amount: float = 1) -> None:
+    redis.hincrbyfloat(METRICS_KEY, name, amount)

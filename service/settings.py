@@ -1,0 +1,53 @@
+"""Process configuration from the environment (one Settings object per process)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Read from environment variables of the same name, upper-case (REDIS_URL, ...)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    # Shared by gateway and worker.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = "file://./data"
+    s3_endpoint_url: str | None = None
+    s3_public_url: str | None = Field(
+        default=None, description="S3 endpoint as clients reach it; set to redirect "
+                                  "image downloads to presigned URLs")
+    s3_region: str = "us-east-1"
+    queue_name: str = "magicface"
+    magicface_model: str = "tiny"
+
+    # Gateway.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: str = ""  # comma-separated; empty: no auth
+    max_image_bytes: int = 10 * 2**20
+    max_request_bytes: int = 40 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_concepts: int = 4
+    max_steps: int = 100
+    max_size: int = 1024
+    job_timeout_s: int = 600
+    result_ttl_s: int = 7 * 86400
+    idempotency_ttl_s: int = 86400
+    presign_expires_s: int = 3600
+
+    # Worker.
+    device: str | None = None  # default: cuda if available
+    dtype: str | None = None  # float16 / bfloat16 / float32
+    kv_cache_device_bytes: int = 4 * 2**30
+    kv_cache_host_bytes: int = 8 * 2**30
+    reference_seed: int | None = None  # pin to share cached K/V across seeds
+    sam_checkpoint: str | None = None
+    worker_heartbeat_ttl_s: int = 10
+    worker_maintenance_interval_s: int = 5
+    worker_name: str | None = None
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

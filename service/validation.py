@@ -1,0 +1,231 @@
+"""Validating a generation request before anything is stored or queued.
+
+Pure functions over bytes and strings: no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from magicface_core.config import GenerationConfig
+
+from .errors import ApiError
+from .settings import Settings
+
+ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+class ConceptSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    word: str = Field(min_length=1, max_length=64)
+    weight: float = Field(default=3.0, gt=0, le=20, allow_inf_nan=False)
+    reference_prompt: str | None = Field(default=None, max_length=300)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=50, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0, le=50, allow_inf_nan=False)
+    alpha: float = Field(default=0.4, ge=0, le=1, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    negative_prompt: str = Field(default="", max_length=1000)
+    width: int = Field(default=512, ge=64)
+    height: int = Field(default=512, ge=64)
+
+
+@dataclass
+class Upload:
+    filename: str | None
+    data: bytes
+
+
+@dataclass
+class ValidImage:
+    data: bytes
+    content_type: str
+    size: tuple[int, int]
+
+
+@dataclass
+class JobRequest:
+    prompt: str
+    concepts: list[ConceptSpec]
+    images: list[ValidImage]
+    masks: list[ValidImage]
+    params: Params
+
+    def record(self) -> dict:
+        """What the worker reads back (request.json)."""
+        return {
+            "prompt": self.prompt,
+            "concepts": [c.model_dump() for c in self.concepts],
+            "params": self.params.model_dump(),
+            "masks": bool(self.masks),
+        }
+
+
+def _pydantic_message(field: str, e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    where = f"{field}.{loc}" if loc else field
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def parse_concepts(raw: str, settings: Settings) -> list[ConceptSpec]:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ApiError(422, "invalid_concepts", f"concepts: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise ApiError(422, "invalid_concepts", "concepts: must be a JSON list of objects")
+    if not 1 <= len(data) <= settings.max_concepts:
+        raise ApiError(422, "invalid_concepts",
+                       f"concepts: between 1 and {settings.max_concepts} concepts, "
+                       f"got {len(data)}")
+    out = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise ApiError(422, "invalid_concepts", f"concepts[{i}]: must be an object")
+        try:
+            out.append(ConceptSpec.model_validate(item))
+        except ValidationError as e:
+            raise ApiError(422, "invalid_concepts", _pydantic_message(f"concepts[{i}]", e)) \
+                from None
+    seen = set()
+    for i, c in enumerate(out):
+        key = c.word.strip().lower()
+        if not key:
+            raise ApiError(422, "invalid_concepts", f"concepts[{i}].word: must not be blank")
+        if key in seen:
+            raise ApiError(422, "invalid_concepts",
+                           f"concepts[{i}].word: '{c.word}' is used by more than one concept")
+        seen.add(key)
+    return out
+
+
+def parse_params(raw: str | None, settings: Settings) -> Params:
+    if raw is None or raw.strip() == "":
+        data = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ApiError(422, "invalid_params", f"params: not valid JSON ({e.msg})") from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid_params", "params: must be a JSON object")
+    try:
+        p = Params.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_params", _pydantic_message("params", e)) from None
+    if p.steps > settings.max_steps:
+        raise ApiError(422, "invalid_params",
+                       f"params.steps: at most {settings.max_steps}, got {p.steps}")
+    for name in ("width", "height"):
+        v = getattr(p, name)
+        if v > settings.max_size:
+            raise ApiError(422, "invalid_params",
+                           f"params.{name}: at most {settings.max_size}, got {v}")
+    # The library's own checks (multiples of 8, ranges) are the source of truth.
+    try:
+        GenerationConfig(steps=p.steps, guidance_scale=p.guidance_scale, alpha=p.alpha,
+                         seed=p.seed, negative_prompt=p.negative_prompt, width=p.width,
+                         height=p.height)
+    except ValueError as e:
+        raise ApiError(422, "invalid_params", f"params.{e}") from None
+    return p
+
+
+def word_in_prompt(word: str, prompt: str) -> bool:
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?!\w)"
+    return re.search(pattern, prompt, flags=re.IGNORECASE) is not None
+
+
+def decode_image(upload: Upload, field: str, settings: Settings) -> ValidImage:
+    if len(upload.data) > settings.max_image_bytes:
+        raise ApiError(413, "file_too_large",
+                       f"{field}: {len(upload.data)} bytes exceeds the "
+                       f"{settings.max_image_bytes}-byte limit")
+    if not upload.data:
+        raise ApiError(422, "invalid_image", f"{field}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(upload.data))
+            fmt = img.format
+            w, h = img.size
+            if w * h > settings.max_image_pixels:
+                raise ApiError(413, "image_too_large",
+                               f"{field}: {w}x{h} exceeds the {settings.max_image_pixels}"
+                               "-pixel limit")
+            if fmt not in ALLOWED_FORMATS:
+                raise ApiError(422, "invalid_image",
+                               f"{field}: format {fmt} is not one of PNG, JPEG, WebP")
+            img.load()
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(422, "invalid_image",
+                       f"{field}: not a decodable PNG, JPEG or WebP image ({e})") from None
+    return ValidImage(upload.data, ALLOWED_FORMATS[fmt], (w, h))
+
+
+def validate_request(prompt: str, concepts_raw: str, images: list[Upload],
+                     masks: list[Upload], params_raw: str | None,
+                     settings: Settings) -> JobRequest:
+    total = sum(len(u.data) for u in images + masks)
+    if total > settings.max_request_bytes:
+        raise ApiError(413, "request_too_large",
+                       f"uploads total {total} bytes, over the {settings.max_request_bytes}"
+                       "-byte limit")
+    if not prompt or not prompt.strip():
+        raise ApiError(422, "invalid_prompt", "prompt: must not be empty")
+    if len(prompt) > 1000:
+        raise ApiError(422, "invalid_prompt", "prompt: at most 1000 characters")
+    concepts = parse_concepts(concepts_raw, settings)
+    for i, c in enumerate(concepts):
+        if not word_in_prompt(c.word, prompt):
+            raise ApiError(422, "word_not_in_prompt",
+                           f"concepts[{i}].word: '{c.word}' does not occur in the prompt")
+    if len(images) != len(concepts):
+        raise ApiError(422, "image_count_mismatch",
+                       f"images: {len(images)} uploaded for {len(concepts)} concepts")
+    if masks and len(masks) != len(concepts):
+        raise ApiError(422, "mask_count_mismatch",
+                       f"masks: {len(masks)} uploaded for {len(concepts)} concepts "
+                       "(send none or one per concept)")
+    if not masks and not settings.sam_checkpoint:
+        raise ApiError(422, "masks_required",
+                       "masks: one per concept is required (automatic masks are not "
+                       "configured: SAM_CHECKPOINT is unset)")
+    params = parse_params(params_raw, settings)
+    valid_images = [decode_image(u, f"images[{i}]", settings) for i, u in enumerate(images)]
+    valid_masks = [decode_image(u, f"masks[{i}]", settings) for i, u in enumerate(masks)]
+    for i, (img, m) in enumerate(zip(valid_images, valid_masks, strict=False)):
+        if img.size != m.size:
+            raise ApiError(422, "mask_size_mismatch",
+                           f"masks[{i}]: {m.size[0]}x{m.size[1]} but images[{i}] is "
+                           f"{img.size[0]}x{img.size[1]}")
+    return JobRequest(prompt, concepts, valid_images, valid_masks, params)
+
+
+def body_hash(prompt: str, concepts_raw: str, images: list[Upload], masks: list[Upload],
+              params_raw: str | None) -> str:
+    """Identity of a request body, for Idempotency-Key."""
+    h = hashlib.sha256()
+    for part in (prompt, concepts_raw, params_raw or ""):
+        h.update(part.encode())
+        h.update(b"\0")
+    for u in images + [Upload(None, b"--masks--")] + masks:
+        h.update(hashlib.sha256(u.data).digest())
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""The MagicFace RQ worker: loads the pipeline once, runs generation jobs."""

@@ -1,0 +1,51 @@
+"""`python -m worker`: load the model once, then serve jobs from the queue."""
+
+from __future__ import annotations
+
+import logging
+
+from redis import Redis
+from rq import Queue
+
+from service.settings import Settings
+from service.storage import open_storage
+
+from . import tasks
+from .worker import MagicFaceWorker
+
+
+def load_pipeline(settings: Settings):
+    import torch
+
+    from magicface_core import MagicFacePipeline
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, settings.dtype) if settings.dtype else None
+    if settings.magicface_model == "tiny":
+        pipe = MagicFacePipeline.tiny(seed=0, device=device)
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+    else:
+        pipe = MagicFacePipeline.from_pretrained(settings.magicface_model, device=device,
+                                                 dtype=dtype)
+    pipe.enable_kv_cache(settings.kv_cache_device_bytes, settings.kv_cache_host_bytes)
+    return pipe
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings()
+    redis = Redis.from_url(settings.redis_url)
+    storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
+                           region=settings.s3_region, public_url=settings.s3_public_url)
+    pipe = load_pipeline(settings)
+    tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage, redis=redis)
+    logging.getLogger("magicface.worker").info("model %s loaded on %s",
+                                               settings.magicface_model, pipe.device)
+    worker = MagicFaceWorker([Queue(settings.queue_name, connection=redis)], settings=settings,
+                             connection=redis, model=settings.magicface_model)
+    worker.work(with_scheduler=False)
+
+
+if __name__ == "__main__":
+    main()
