@@ -1,19 +1,12 @@
 #!/usr/bin/env bash
-# Set up, then customize the shipped synthetic example with the CLI.
-# MAGICFACE_MODEL=<hub id or folder> uses real weights; the default is the tiny
-# random-weight model (runs everywhere, makes noise).
+# Set up, then run the service end to end on the embedded defaults: Redis (the
+# machine's or one started here), the gateway, one worker, one example job over HTTP.
+# MAGICFACE_MODEL=<hub id or folder> uses real weights (default: tiny random weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-EX=examples/synthetic
-MODEL_ARGS=(--tiny)
-if [ -n "${MAGICFACE_MODEL:-}" ] && [ "${MAGICFACE_MODEL}" != "tiny" ]; then
-    MODEL_ARGS=(--model "$MAGICFACE_MODEL")
+if ! command -v redis-server >/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+    echo "installing redis-server (Debian package)"
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
 fi
-mkdir -p out
-.venv/bin/magicface generate "${MODEL_ARGS[@]}" \
-    --prompt "a man wearing a hat" --seed 1234 --steps "${STEPS:-50}" \
-    --concept "man=$EX/face.png,mask=$EX/face_mask.png,weight=3,ref=a cartoon man" \
-    --concept "hat=$EX/hat.png,mask=$EX/hat_mask.png,weight=2,ref=a black hat" \
-    --out out/demo.png --save-maps out/demo_maps.png
-echo "result: $(pwd)/out/demo.png (semantic map overlay: $(pwd)/out/demo_maps.png)"
+exec .venv/bin/python scripts/demo_service.py

@@ -24,9 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_url() -> tuple[str, subprocess.Popen | None]:
-    """REDIS_URL's server, the machine's on 6379, or a redis-server we start."""
-    candidates = [os.environ.get("MAGICFACE_TEST_REDIS_URL"), "redis://127.0.0.1:6379/15"]
+def redis_url(db: int = 15) -> tuple[str, subprocess.Popen | None]:
+    """MAGICFACE_TEST_REDIS_URL's server, the machine's on 6379, or a redis-server we
+    start (tests use database 15 and flush it)."""
+    candidates = [os.environ.get("MAGICFACE_TEST_REDIS_URL"), f"redis://127.0.0.1:6379/{db}"]
     for url in filter(None, candidates):
         try:
             redis.Redis.from_url(url, socket_connect_timeout=1).ping()
@@ -40,7 +41,7 @@ def redis_url() -> tuple[str, subprocess.Popen | None]:
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", tempfile.mkdtemp()],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/15"
+    url = f"redis://127.0.0.1:{port}/{db}"
     for _ in range(100):
         try:
             redis.Redis.from_url(url).ping()

@@ -89,7 +89,7 @@ def generate(job_id: str) -> dict:
             seed=p["seed"], negative_prompt=p["negative_prompt"], width=p["width"],
             height=p["height"], reference_seed=rt.settings.reference_seed,
             sam_checkpoint=rt.settings.sam_checkpoint)
-        concepts = [Concept(image=img, mask=m, word=c["word"], weight=c["weight"],
+        concepts = [Concept(image=img, mask=m, word=c["word"], weight=c.get("weight", 3.0),
                             reference_prompt=c.get("reference_prompt"))
                     for c, img, m in zip(req["concepts"], images, masks, strict=True)]
     except (ValueError, KeyError) as e:

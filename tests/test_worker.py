@@ -1,0 +1,102 @@
+"""Worker job logic in-process: out-of-memory and bad input end in defined failed
+states and the worker keeps serving; a canceled flag stops before any step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rq import Queue
+
+from service import jobs
+from service.settings import Settings
+from service.storage import LocalStorage, input_key, request_key
+from worker import tasks
+from worker.worker import MagicFaceWorker
+
+from .conftest import paul_job
+
+
+class OOMOnce:
+    """The real tiny pipeline, except that its first generate runs out of memory."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, 0
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")
+        return self.pipe.generate(*args, **kwargs)
+
+
+def submit(storage, queue, prompt=None, concepts=None, steps=2):
+    job = paul_job(2)
+    job_id = jobs.new_job_id()
+    record = {"prompt": prompt or job["prompt"], "concepts": concepts or job["concepts"],
+              "params": {"steps": steps, "guidance_scale": 7.5, "alpha": 0.4, "seed": 1,
+                         "negative_prompt": "", "width": 128, "height": 128},
+              "masks": True}
+    storage.put(request_key(job_id), json.dumps(record).encode())
+    for i, (img, m) in enumerate(zip(job["images"], job["masks"], strict=True)):
+        storage.put(input_key(job_id, "image", i), open(img, "rb").read())
+        storage.put(input_key(job_id, "mask", i), open(m, "rb").read())
+    return jobs.enqueue(queue, job_id, steps, 60, 600)
+
+
+@pytest.fixture
+def runtime(pipe, redis_db, redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server, storage_url=f"file://{tmp_path}")
+    storage = LocalStorage(tmp_path)
+    queue = Queue("worker-test", connection=redis_db)
+    old = tasks.RUNTIME
+    tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage,
+                                  redis=redis_db)
+    yield tasks.RUNTIME, queue
+    tasks.RUNTIME = old
+
+
+def run_burst(rt, queue):
+    w = MagicFaceWorker([queue], settings=rt.settings, connection=rt.redis, model="tiny")
+    w.work(burst=True, with_scheduler=False)
+
+
+def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(runtime):
+    rt, queue = runtime
+    rt.pipe = OOMOnce(rt.pipe)
+    first = submit(rt.storage, queue)
+    second = submit(rt.storage, queue)
+    run_burst(rt, queue)
+    a, b = jobs.describe(first, queue), jobs.describe(second, queue)
+    assert a["status"] == "failed" and a["error"]["code"] == "out_of_memory"
+    assert b["status"] == "succeeded", b
+    assert rt.storage.exists(f"jobs/{second.id}/output/image.png")
+    assert not rt.storage.exists(f"jobs/{first.id}/output/image.png")
+
+
+def test_word_the_tokenizer_cannot_find_is_invalid_input(runtime):
+    rt, queue = runtime
+    job = submit(rt.storage, queue, concepts=[{"word": "scarf"}, {"word": "hat"}])
+    run_burst(rt, queue)
+    view = jobs.describe(job, queue)
+    assert view["status"] == "failed" and view["error"]["code"] == "invalid_input"
+    assert "scarf" in view["error"]["message"]
+
+
+def test_missing_inputs_are_a_storage_error(runtime):
+    rt, queue = runtime
+    job = submit(rt.storage, queue)
+    rt.storage.delete_prefix(f"jobs/{job.id}/input")
+    run_burst(rt, queue)
+    view = jobs.describe(job, queue)
+    assert view["status"] == "failed" and view["error"]["code"] == "storage_error"
+
+
+def test_cancel_flag_set_before_start(runtime):
+    rt, queue = runtime
+    job = submit(rt.storage, queue)
+    rt.redis.set(jobs.CANCEL_KEY.format(job.id), "1")
+    run_burst(rt, queue)
+    view = jobs.describe(job, queue)
+    assert view["status"] == "canceled" and view["progress"]["step"] == 0
