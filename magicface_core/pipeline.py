@@ -252,10 +252,22 @@ class MagicFacePipeline:
                     masks=[r.mask for r in refs], cache_hits=hits, cache_misses=misses)
             return self._sample(prompt, list(concepts), refs, concept_tokens, config, on_step)
 
-    def _sample(self, prompt, concepts, refs, concept_tokens, config, on_step):
+    def initial_state(self, config: GenerationConfig):
+        """A fresh DDIM scheduler set to `config.steps`, the latent grid, and z_T drawn
+        as diffusers draws it from a CPU generator seeded with `config.seed`."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        device, dtype = self.device, self.unet.dtype
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(config.steps, device=self.device)
+        f = self.vae_scale_factor
+        latent_hw = (config.height // f, config.width // f)
+        generator = torch.Generator("cpu").manual_seed(config.seed)
+        latents = randn_tensor((1, self.unet.config.in_channels, *latent_hw),
+                               generator=generator, device=self.device, dtype=self.dtype)
+        return scheduler, latent_hw, latents * scheduler.init_noise_sigma
+
+    def _sample(self, prompt, concepts, refs, concept_tokens, config, on_step):
+        dtype = self.unet.dtype
         n = len(concepts)
         do_cfg = config.guidance_scale > 1.0
         target_rows = 2 if do_cfg else 1
@@ -266,16 +278,8 @@ class MagicFacePipeline:
             embeds.append(self.encode_prompt([r.prompt for r in refs]))
         embeds = torch.cat(embeds)
 
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        scheduler.set_timesteps(config.steps, device=device)
+        scheduler, latent_hw, latents = self.initial_state(config)
         timesteps = scheduler.timesteps
-
-        f = self.vae_scale_factor
-        latent_hw = (config.height // f, config.width // f)
-        generator = torch.Generator("cpu").manual_seed(config.seed)
-        latents = randn_tensor((1, self.unet.config.in_channels, *latent_hw),
-                               generator=generator, device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
 
         state, original, noisy_refs = None, None, None
         map_hw = _level(latent_hw, config.map_downscale)

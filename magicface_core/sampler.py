@@ -99,26 +99,16 @@ class FastSampler:
     def sample(self, prompt: str, refs: list[PreparedReference], concept_tokens, config,
                on_step, cache: ReferenceKVCache | None, use_graphs: bool):
         pipe = self.pipe
-        from diffusers.utils.torch_utils import randn_tensor
-
         device, dtype = pipe.device, pipe.dtype
         n = len(refs)
         do_cfg = config.guidance_scale > 1.0
         t_rows = 2 if do_cfg else 1
         use_graphs = use_graphs and device.type == "cuda"
 
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(config.steps, device=device)
+        scheduler, latent_hw, latents = pipe.initial_state(config)
         timesteps = scheduler.timesteps
         coef = ddim_coefficients(scheduler, timesteps).to(device)
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
-
-        f = pipe.vae_scale_factor
-        latent_hw = (config.height // f, config.width // f)
-        generator = torch.Generator("cpu").manual_seed(config.seed)
-        latents = randn_tensor((1, pipe.unet.config.in_channels, *latent_hw),
-                               generator=generator, device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
         ref_seed = config.seed if config.reference_seed is None else config.reference_seed
 
         # Which references come from the cache and which ride in the batch.

@@ -124,14 +124,19 @@ def test_killed_worker_fails_its_job_with_worker_lost(file_stack):
     job = paul_job(1)
     victim = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
                                LONG).json()
+    waiting = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
+                                SMALL).json()
     file_stack.wait(victim["id"], statuses=("running",), min_step=1, timeout=60)
     file_stack.kill_worker(worker)
     killed_at = time.monotonic()
+    assert file_stack.client.get(f"/v1/jobs/{waiting['id']}").json()["status"] == "queued"
     file_stack.start_worker(wait=False)
     done = file_stack.wait(victim["id"], statuses=("failed",), timeout=60)
     assert done["error"]["code"] == "worker_lost"
     assert time.monotonic() - killed_at < 60
-    # The new worker serves the next job.
+    # Nothing else is lost: the job queued behind it runs on the new worker, and so
+    # does a new one.
+    assert file_stack.wait(waiting["id"])["status"] == "succeeded"
     nxt = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
                             SMALL).json()
     assert file_stack.wait(nxt["id"])["status"] == "succeeded"
