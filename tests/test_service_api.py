@@ -205,3 +205,33 @@ def test_gateway_never_imports_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_storage_down_is_503_and_nothing_is_queued(redis_db, redis_server):
+    from service.storage import S3Storage
+
+    from .stack import free_port
+
+    dead = S3Storage("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    app = create_app(Settings(redis_url=redis_server), storage=dead)
+    queue = Queue(Settings().queue_name, connection=redis_db)
+    with TestClient(app) as client:
+        r = post(client, headers={"Idempotency-Key": "k-down"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert queue.count == 0
+        # The idempotency key was released: a retry is not tied to the failed attempt.
+        assert redis_db.get("magicface:idem:k-down") is None
+
+
+def test_redis_down_is_503(tmp_path):
+    from redis import Redis
+
+    from .stack import free_port
+
+    app = create_app(Settings(), redis=Redis(port=free_port(), socket_connect_timeout=0.5),
+                     storage=LocalStorage(tmp_path))
+    with TestClient(app) as client:
+        r = client.get("/v1/jobs/abc123")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable"
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
