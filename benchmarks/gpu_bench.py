@@ -127,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--authors-repeats", type=int, default=None,
-                   help="timed runs of the (slow) authors' pattern; default --repeats")
+    p.add_argument("--authors-repeats", type=int, default=3,
+                   help="timed runs of the (slow, 5-10 s each) authors' pattern")
     p.add_argument("--no-diffusers-compile", action="store_true",
                    help="skip torch.compile of diffusers' pipeline (slow to compile)")
     p.add_argument("--inductor", action="store_true",
                    help="also time vanilla and MagicFace N=2 with the UNet compiled by "
                         "inductor inside our CUDA graph")
+    p.add_argument("--inductor-n", default="2",
+                   help="concept counts timed with --inductor (one compile per plan)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager loop cases")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--authors-n", default="1,2,3",
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.use_cuda_graphs = True
 
     # The authors' compute pattern: fp32, explicit attention, batch 2(1+N).
-    a_rep = args.authors_repeats or rep
+    a_rep = args.authors_repeats
     pipe32 = pipe.to(dtype=torch.float32) if dtype != torch.float32 else pipe
     for n in [int(x) for x in args.authors_n.split(",") if x.strip()]:
         if over_budget():
@@ -275,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         # One compile per plan shape (~1 min each on an H100 host): leave room for it.
         pipe.enable_compile("default")
         pipe.use_cuda_graphs = True
-        concepts = references(2)
-        cases = [("magicface N=2 uncached (inductor+graph)", concepts, False),
-                 ("magicface N=2 cached (inductor+graph)", concepts, True),
-                 ("ours vanilla (inductor+graph)", [], False)]
+        cases = []
+        for n in [int(x) for x in args.inductor_n.split(",") if x.strip()]:
+            cases += [(f"magicface N={n} uncached (inductor+graph)", references(n), False),
+                      (f"magicface N={n} cached (inductor+graph)", references(n), True)]
+        cases.append(("ours vanilla (inductor+graph)", [], False))
         for name, cs, cached in cases:
             if time.perf_counter() - start > args.budget_s - 90:
                 print(f"skipping {name}: over budget", flush=True)
