@@ -26,6 +26,8 @@ __all__ = [
     "MagicFaceAttnProcessor",
     "RecordingAttnProcessor",
     "grid_for_tokens",
+    "grid_levels",
+    "level_grid",
 ]
 
 
@@ -170,16 +172,29 @@ def rba(
     return attend(q, k, v, ref_k, ref_v, bias)
 
 
-def grid_for_tokens(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) grid of a UNet level with `tokens` positions.
+def grid_levels(latent_hw: tuple[int, int], n: int = 8) -> list[tuple[int, int]]:
+    """The (h, w) grids of the first `n` UNet levels, finest first.
 
     Each UNet downsample is a stride-2 conv with padding 1, i.e. ceil(x / 2).
     """
     h, w = latent_hw
-    for _ in range(8):
+    out = []
+    for _ in range(n):
+        out.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return out
+
+
+def level_grid(latent_hw: tuple[int, int], downscale: int) -> tuple[int, int]:
+    """The grid `downscale` (a power of two) times coarser than the latent grid."""
+    return grid_levels(latent_hw, downscale.bit_length())[-1]
+
+
+def grid_for_tokens(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of a UNet level with `tokens` positions."""
+    for h, w in grid_levels(latent_hw):
         if h * w == tokens:
             return h, w
-        h, w = (h + 1) // 2, (w + 1) // 2
     raise ValueError(f"{tokens} tokens match no level of a {latent_hw} latent grid")
 
 
@@ -254,6 +269,17 @@ class AttentionState:
 
     def wants_map(self, tokens: int) -> bool:
         return self.record_maps and tokens <= self.map_hw[0] * self.map_hw[1]
+
+    def recorded_maps(self) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                     list[tuple[int, int]]]:
+        """This step's (cross maps, self maps, grids), paired by transformer block."""
+        blocks = [b for b in self.cross_maps if b in self.self_maps]
+        if not blocks:
+            raise RuntimeError("no attention maps were recorded: the UNet has no "
+                               "transformer block at or below the semantic-map grid")
+        cross = [self.cross_maps[b] for b in blocks]
+        grids = [grid_for_tokens(c.shape[0], self.latent_hw) for c in cross]
+        return cross, [self.self_maps[b] for b in blocks], grids
 
     def reset_maps(self) -> None:
         self.cross_maps.clear()

@@ -15,6 +15,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ StepKV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 class KVEntry:
     steps: list[StepKV]
 
-    @property
+    @cached_property  # entries are not mutated once built; the budget loop sums them often
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.steps for kv in s.values()
                    for t in kv)

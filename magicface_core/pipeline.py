@@ -15,7 +15,7 @@ from .attention import (
     AttentionState,
     MagicFaceAttnProcessor,
     RecordingAttnProcessor,
-    grid_for_tokens,
+    level_grid,
 )
 from .config import Concept, GenerationConfig
 from .ddim import supports_fast_ddim
@@ -52,13 +52,6 @@ class MagicFaceResult:
 
 def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def _level(hw: tuple[int, int], downscale: int) -> tuple[int, int]:
-    h, w = hw
-    while downscale > 1:
-        h, w, downscale = (h + 1) // 2, (w + 1) // 2, downscale // 2
-    return h, w
 
 
 class MagicFacePipeline:
@@ -161,6 +154,16 @@ class MagicFacePipeline:
             mask = (ids != self.tokenizer.pad_token_id).long().to(self.text_encoder.device)
         out = self.text_encoder(ids.to(self.text_encoder.device), attention_mask=mask)[0]
         return out.to(dtype=self.unet.dtype, device=self.device)
+
+    def unet_embeddings(self, prompt: str, negative_prompt: str, do_cfg: bool,
+                        reference_prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings in UNet batch order: [negative,] prompt, then one row per
+        riding reference."""
+        cond = self.encode_prompt([prompt])
+        embeds = [self.encode_prompt([negative_prompt]), cond] if do_cfg else [cond]
+        if reference_prompts:
+            embeds.append(self.encode_prompt(list(reference_prompts)))
+        return torch.cat(embeds)
 
     def concept_tokens(self, prompt: str, concepts: Sequence[Concept]) -> list[list[int]]:
         return [word_token_indices(self.tokenizer, prompt, c.word) for c in concepts]
@@ -272,17 +275,14 @@ class MagicFacePipeline:
         do_cfg = config.guidance_scale > 1.0
         target_rows = 2 if do_cfg else 1
 
-        cond = self.encode_prompt([prompt])
-        embeds = [self.encode_prompt([config.negative_prompt]), cond] if do_cfg else [cond]
-        if n:
-            embeds.append(self.encode_prompt([r.prompt for r in refs]))
-        embeds = torch.cat(embeds)
+        embeds = self.unet_embeddings(prompt, config.negative_prompt, do_cfg,
+                                      [r.prompt for r in refs])
 
         scheduler, latent_hw, latents = self.initial_state(config)
         timesteps = scheduler.timesteps
 
         state, original, noisy_refs = None, None, None
-        map_hw = _level(latent_hw, config.map_downscale)
+        map_hw = level_grid(latent_hw, config.map_downscale)
         if n:
             ref_latents = encode_latents(self.vae, torch.cat([r.pixels for r in refs]))
             ref_seed = config.seed if config.reference_seed is None else config.reference_seed
@@ -348,13 +348,7 @@ class MagicFacePipeline:
 
     def _semantic_map(self, state: AttentionState, concept_tokens, candidates,
                       config: GenerationConfig) -> torch.Tensor:
-        blocks = [b for b in state.cross_maps if b in state.self_maps]
-        if not blocks:
-            raise RuntimeError("no attention maps were recorded: the UNet has no "
-                               "transformer block at or below the semantic-map grid")
-        cross = [state.cross_maps[b] for b in blocks]
-        selfs = [state.self_maps[b] for b in blocks]
-        grids = [grid_for_tokens(c.shape[0], state.latent_hw) for c in cross]
+        cross, selfs, grids = state.recorded_maps()
         return latent_semantic_map(cross, selfs, concept_tokens, state.map_hw, grids=grids,
                                    candidate_tokens=candidates, ca_scale=config.ca_scale)
 

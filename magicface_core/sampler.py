@@ -24,8 +24,9 @@ import torch
 
 from .attention import (
     AttentionState,
-    grid_for_tokens,
+    grid_levels,
     groups_for_grid,
+    level_grid,
     masks_for_grid,
     rba_table,
     rsa_bias,
@@ -55,15 +56,6 @@ class _Plan:
     # The K/V tensors the captured graph writes for the riding references.
     graph_capture: dict = field(default_factory=dict)
     pool: Any = None
-
-
-def _levels(latent_hw: tuple[int, int], n: int = 4) -> list[tuple[int, int]]:
-    h, w = latent_hw
-    out = []
-    for _ in range(n):
-        out.append((h, w))
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return out
 
 
 class FastSampler:
@@ -126,18 +118,15 @@ class FastSampler:
         riding = [i for i in range(n) if entries[i] is None]
         cached = [i for i in range(n) if entries[i] is not None]
 
-        cond = pipe.encode_prompt([prompt])
-        embeds = [pipe.encode_prompt([config.negative_prompt]), cond] if do_cfg else [cond]
-        if riding:
-            embeds.append(pipe.encode_prompt([refs[i].prompt for i in riding]))
-        embeds = torch.cat(embeds)
+        embeds = pipe.unet_embeddings(prompt, config.negative_prompt, do_cfg,
+                                      [refs[i].prompt for i in riding])
         noisy = None
         if riding:
             z = encode_latents(pipe.vae, torch.cat([refs[i].pixels for i in riding]))
             noisy = noised_reference_latents(scheduler, z.to(dtype), timesteps, ref_seed,
                                              riding)
 
-        map_hw = _levels(latent_hw, 4)[{1: 0, 2: 1, 4: 2, 8: 3}[config.map_downscale]]
+        map_hw = level_grid(latent_hw, config.map_downscale)
         sig = (latent_hw, t_rows, tuple(riding), tuple(cached), n, map_hw,
                config.reference_layers, dtype, str(device), config.region_guidance,
                config.region_guidance_min, config.region_guidance_max, prediction_type,
@@ -152,10 +141,10 @@ class FastSampler:
         io["g"].fill_(float(config.guidance_scale))
         io["labels"].zero_()
         if n:
+            weights = [r.weight for r in refs]
             for grid in plan.levels:
                 masks = masks_for_grid([r.mask for r in refs], grid, device)
                 lq = grid[0] * grid[1]
-                weights = [r.weight for r in refs]
                 # Rows 0..N: RBA groups; row N+1: RSA (every concept visible).
                 table = io["bias_table"][grid]
                 table[: n + 1].copy_(rba_table(lq, masks, weights, dtype=dtype, device=device))
@@ -226,7 +215,7 @@ class FastSampler:
         }
         if riding:
             io["refs"] = torch.zeros(len(riding), c, *latent_hw, device=device, dtype=dtype)
-        levels = _levels(latent_hw, 4)
+        levels = grid_levels(latent_hw, 4)
         state = None
         if n:
             ref_rows: list[int | None] = [None] * n
@@ -313,11 +302,8 @@ class FastSampler:
                               return_dict=False)[0][:t_rows]
         labels = None
         if st is not None:
-            blocks = [b for b in st.cross_maps if b in st.self_maps]
-            cross = [st.cross_maps[b] for b in blocks]
-            scores = token_scores(cross, [st.self_maps[b] for b in blocks], st.map_hw,
-                                  grids=[grid_for_tokens(c.shape[0], st.latent_hw)
-                                         for c in cross])
+            cross, selfs, grids = st.recorded_maps()
+            scores = token_scores(cross, selfs, st.map_hw, grids=grids)
             labels = labels_from_scores(scores, io["token_bias"], io["token_scale"],
                                         io["label_of"])
         if do_cfg:
