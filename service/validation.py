@@ -81,13 +81,18 @@ def _pydantic_message(field: str, e: ValidationError) -> str:
     return f"{where}: {err.get('msg', 'invalid')}"
 
 
-def parse_concepts(raw: str, settings: Settings) -> list[ConceptSpec]:
+def _load_json(raw: str, field: str, code: str, kind: type, expected: str):
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ApiError(422, "invalid_concepts", f"concepts: not valid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise ApiError(422, "invalid_concepts", "concepts: must be a JSON list of objects")
+        raise ApiError(422, code, f"{field}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, kind):
+        raise ApiError(422, code, f"{field}: must be {expected}")
+    return data
+
+
+def parse_concepts(raw: str, settings: Settings) -> list[ConceptSpec]:
+    data = _load_json(raw, "concepts", "invalid_concepts", list, "a JSON list of objects")
     if not 1 <= len(data) <= settings.max_concepts:
         raise ApiError(422, "invalid_concepts",
                        f"concepts: between 1 and {settings.max_concepts} concepts, "
@@ -117,12 +122,7 @@ def parse_params(raw: str | None, settings: Settings) -> Params:
     if raw is None or raw.strip() == "":
         data = {}
     else:
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ApiError(422, "invalid_params", f"params: not valid JSON ({e.msg})") from None
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid_params", "params: must be a JSON object")
+        data = _load_json(raw, "params", "invalid_params", dict, "a JSON object")
     try:
         p = Params.model_validate(data)
     except ValidationError as e:
