@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,11 @@ __all__ = [
     "rba",
     "rba_bias",
     "rba_table",
+    "MASKED",
+    "fold_width",
+    "folded_key_columns",
+    "folded_query_table",
+    "attend_folded",
     "AttentionState",
     "MagicFaceAttnProcessor",
     "RecordingAttnProcessor",
@@ -172,6 +178,95 @@ def rba(
     return attend(q, k, v, ref_k, ref_v, bias)
 
 
+# A hidden key's logit offset on the folded path. Not -inf: the folded columns are
+# multiplied by 0 for queries that may see the key, and 0 * -inf is NaN. -2000 makes
+# exp() underflow to exactly 0 in fp32 next to any real logit, and -2000 * sqrt(d)
+# stays finite in fp16 for every head dim SDPA accepts (<= 256).
+MASKED = -2000.0
+# Largest |w_i| the folded path accepts (w * sqrt(d) must stay well inside fp16).
+MAX_FOLDED_WEIGHT = 100.0
+
+
+def fold_width(head_dim: int, n_concepts: int) -> int:
+    """Columns appended to each head on the folded path: one key-bias column, one
+    per concept, then zeros up to a multiple of 8 (what the fused SDPA kernels need)."""
+    total = head_dim + n_concepts + 1
+    return -(-total // 8) * 8 - head_dim
+
+
+def folded_key_columns(
+    own_tokens: int,
+    ref_masks: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """(L + sum L_i, fold_width) key columns that carry RSA/RBA's bias inside Q K^T.
+
+    With the query columns of `folded_query_table`, the extra dot product adds, after
+    SDPA's 1/sqrt(d) scaling, exactly the bias of `rba_table` (with MASKED for -inf):
+    column 0 holds the key's own bias (0 on the target's keys, B_i on concept i's),
+    column i holds MASKED on concept i's keys and is switched on only for queries
+    that must not see concept i. Values are stored divided by the scale.
+    """
+    n = len(ref_masks)
+    if any(not 0 < abs(float(w)) <= MAX_FOLDED_WEIGHT for w in weights):
+        raise ValueError(f"the folded bias needs 0 < |weight| <= {MAX_FOLDED_WEIGHT}")
+    inv_scale = float(head_dim) ** 0.5
+    biases = [b.clamp_min(MASKED) for b in reference_bias(ref_masks, weights,
+                                                          dtype=torch.float32, device=device)]
+    lengths = [b.numel() for b in biases]
+    cols = torch.zeros(own_tokens + sum(lengths), fold_width(head_dim, n),
+                       dtype=torch.float32, device=device)
+    start = own_tokens
+    for i, b in enumerate(biases):
+        cols[start : start + b.numel(), 0] = b
+        cols[start : start + b.numel(), i + 1] = MASKED
+        start += b.numel()
+    return (cols * inv_scale).to(dtype)
+
+
+def folded_query_table(n_concepts: int, *, head_dim: int, dtype: torch.dtype,
+                       device: torch.device) -> torch.Tensor:
+    """(N+2, fold_width) query columns. Rows 0..N: RBA groups (group g sees concept g
+    only, group 0 none); row N+1: RSA (every concept visible)."""
+    n = n_concepts
+    table = torch.zeros(n + 2, fold_width(head_dim, n), dtype=dtype, device=device)
+    table[:, 0] = 1
+    table[: n + 1, 1 : n + 1] = 1
+    idx = torch.arange(1, n + 1, device=device)
+    table[idx, idx] = 0
+    return table
+
+
+def attend_folded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_k: Sequence[torch.Tensor],
+    ref_v: Sequence[torch.Tensor],
+    q_cols: torch.Tensor,
+    k_cols: torch.Tensor,
+) -> torch.Tensor:
+    """`attend` with the bias folded into extra head dims instead of an additive mask.
+
+    Same result (up to the rounding of w*sqrt(d) to the dtype), but the SDPA call has
+    no mask: the fused flash kernel can run it, and no (Lq x Lk) bias is materialised
+    or read. `q_cols` (Lq, p) are rows of `folded_query_table`, `k_cols` (Lk, p) come
+    from `folded_key_columns`.
+    """
+    b, h, _, d = q.shape
+    keys = torch.cat([k, *(rk.expand(b, -1, -1, -1) for rk in ref_k)], dim=-2)
+    values = torch.cat([v, *(rv.expand(b, -1, -1, -1) for rv in ref_v)], dim=-2)
+    qf = torch.cat([q, q_cols.to(q.dtype).expand(b, h, -1, -1)], dim=-1)
+    kf = torch.cat([keys, k_cols.to(q.dtype).expand(b, h, -1, -1)], dim=-1)
+    vf = F.pad(values, (0, q_cols.shape[-1]))
+    out = F.scaled_dot_product_attention(qf, kf, vf, scale=d**-0.5)
+    return out[..., :d]
+
+
 def grid_levels(latent_hw: tuple[int, int], n: int = 8) -> list[tuple[int, int]]:
     """The (h, w) grids of the first `n` UNet levels, finest first.
 
@@ -242,8 +337,14 @@ class AttentionState:
     # When set, the riding references' K/V at each modified layer are stored here.
     capture_kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
     bias: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    # The folded alternative to `bias`: (grid, head dim) -> (query cols, key cols).
+    folded: dict[tuple[tuple[int, int], int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)
+    # When set, self-attention "maps" are recorded as the cond row's (q, k, scale) and
+    # the semantic map multiplies them into the cross maps with SDPA (never forming S).
+    defer_self_maps: bool = False
     cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)
-    self_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_maps: dict[str, Any] = field(default_factory=dict)
     _mask_cache: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
     _group_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
@@ -270,9 +371,18 @@ class AttentionState:
     def wants_map(self, tokens: int) -> bool:
         return self.record_maps and tokens <= self.map_hw[0] * self.map_hw[1]
 
-    def recorded_maps(self) -> tuple[list[torch.Tensor], list[torch.Tensor],
+    def record_self_map(self, block: str, q: torch.Tensor, k: torch.Tensor,
+                        scale: float) -> None:
+        """Keep the cond row's self-attention map of `block` (or what makes it)."""
+        c = self.cond_row
+        qc, kc = q[c : c + 1], k[c : c + 1]
+        self.self_maps[block] = ((qc, kc, scale) if self.defer_self_maps
+                                 else _head_mean_probs(qc, kc, scale))
+
+    def recorded_maps(self) -> tuple[list[torch.Tensor], list[Any],
                                      list[tuple[int, int]]]:
-        """This step's (cross maps, self maps, grids), paired by transformer block."""
+        """This step's (cross maps, self maps, grids), paired by transformer block.
+        A self map is an (L, L) tensor, or (q, k, scale) with `defer_self_maps`."""
         blocks = [b for b in self.cross_maps if b in self.self_maps]
         if not blocks:
             raise RuntimeError("no attention maps were recorded: the UNet has no "
@@ -348,9 +458,12 @@ class RecordingAttnProcessor:
         out = F.scaled_dot_product_attention(q, k, v)
         st = self.state
         if st.wants_map(q.shape[-2]):
-            c = st.cond_row
-            probs = _head_mean_probs(q[c : c + 1], k[c : c + 1], attn.scale)
-            (st.cross_maps if self.is_cross else st.self_maps)[self.block] = probs
+            if self.is_cross:
+                c = st.cond_row
+                st.cross_maps[self.block] = _head_mean_probs(q[c : c + 1], k[c : c + 1],
+                                                             attn.scale)
+            else:
+                st.record_self_map(self.block, q, k, attn.scale)
         return _finish(attn, out, residual, q.dtype)
 
 
@@ -390,7 +503,7 @@ class MagicFaceAttnProcessor:
             ref_v.append(v_i)
 
         if st.wants_map(tokens):
-            st.self_maps[self.block] = _head_mean_probs(q[c : c + 1], k[c : c + 1], attn.scale)
+            st.record_self_map(self.block, q, k, attn.scale)
 
         if st.mode == "off" or not ref_k:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -401,7 +514,11 @@ class MagicFaceAttnProcessor:
         plain = F.scaled_dot_product_attention(rest(q), rest(k), rest(v))
         qc, kc, vc = q[c : c + 1], k[c : c + 1], v[c : c + 1]
         if st.mode == "fast":  # per-query bias made outside the UNet: RSA or RBA
-            cond = attend(qc, kc, vc, ref_k, ref_v, st.bias[grid])
+            folded = st.folded.get((grid, q.shape[-1]))
+            if folded is not None:
+                cond = attend_folded(qc, kc, vc, ref_k, ref_v, *folded)
+            else:
+                cond = attend(qc, kc, vc, ref_k, ref_v, st.bias[grid])
         else:
             groups = st.groups_at(grid) if st.mode == "rba" else None
             masks = st.masks_at(grid, q.device)

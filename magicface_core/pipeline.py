@@ -92,6 +92,17 @@ class MagicFacePipeline:
         """torch.compile the UNet for the fast path (falls back to eager on failure)."""
         self._fast.enable_compile(mode)
 
+    @property
+    def fold_attention_bias(self) -> bool:
+        """Fast path: carry RSA/RBA's bias in extra head dims so SDPA runs without a
+        mask (flash-eligible, no dense (Lq x Lk) bias). Same output up to the rounding
+        of w*sqrt(d) to the model dtype. Off by default."""
+        return self._fast.fold_bias
+
+    @fold_attention_bias.setter
+    def fold_attention_bias(self, enabled: bool) -> None:
+        self._fast.fold_bias = bool(enabled)
+
     # -- construction -----------------------------------------------------------------
     @classmethod
     def from_components(cls, c: Components, model_name: str = "custom") -> MagicFacePipeline:

@@ -23,7 +23,10 @@ import numpy as np
 import torch
 
 from .attention import (
+    MAX_FOLDED_WEIGHT,
     AttentionState,
+    folded_key_columns,
+    folded_query_table,
     grid_levels,
     groups_for_grid,
     level_grid,
@@ -35,13 +38,40 @@ from .ddim import ddim_coefficients, ddim_step
 from .guidance import region_adaptive_cfg
 from .kv_cache import KVEntry, ReferenceKVCache, reference_cache_key
 from .reference import PreparedReference, encode_latents, noised_reference_latents
-from .segmentation import labels_from_scores, token_scores, token_tables
+from .segmentation import (
+    combine_layers,
+    labels_from_scores,
+    refine_by_self_attention,
+    token_tables,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FastSampler"]
 
 MAX_PLANS = 4
+
+
+def modified_levels(unet, reference_layers) -> dict[int, set[int]] | None:
+    """UNet level (0 = latent grid) -> head dims of the modified self-attention layers
+    there, read from the module names; None when a name does not tell its level."""
+    out: dict[int, set[int]] = {}
+    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    for name, module in unet.named_modules():
+        if not (name.endswith("attn1")
+                and any(name.startswith(p + ".") for p in reference_layers)):
+            continue
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            level = int(parts[1])
+        elif parts[0] == "up_blocks":
+            level = n_up - 1 - int(parts[1])
+        elif parts[0] == "mid_block":
+            level = n_down - 1
+        else:
+            return None
+        out.setdefault(level, set()).add(module.to_q.out_features // module.heads)
+    return out
 
 
 @dataclass
@@ -51,7 +81,8 @@ class _Plan:
     io: dict[str, Any]
     state: AttentionState | None
     target_rows: int
-    levels: list[tuple[int, int]]
+    levels: list[tuple[int, int]]  # grids holding modified layers
+    folded: list[tuple[tuple[int, int], int]] = field(default_factory=list)  # (grid, head dim)
     graph: Any = None
     # The K/V tensors the captured graph writes for the riding references.
     graph_capture: dict = field(default_factory=dict)
@@ -68,6 +99,9 @@ class FastSampler:
         self.compiled = False
         # Benchmarks set this to make any host-device sync inside the loop an error.
         self.check_syncs = False
+        # Fold RSA/RBA's bias into extra head dims (mask-free SDPA) instead of passing a
+        # dense (Lq x Lk) bias. Off by default until measured faster on a GPU.
+        self.fold_bias = False
 
     # -- compile ----------------------------------------------------------------------
     def enable_compile(self, mode: str = "default") -> None:
@@ -103,6 +137,9 @@ class FastSampler:
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
         ref_seed = config.seed if config.reference_seed is None else config.reference_seed
 
+        weights = [r.weight for r in refs]
+        fold = (self.fold_bias and n > 0
+                and all(abs(w) <= MAX_FOLDED_WEIGHT for w in weights))
         # Which references come from the cache and which ride in the batch.
         keys: list[str | None] = [None] * n
         entries: list[KVEntry | None] = [None] * n
@@ -130,10 +167,11 @@ class FastSampler:
         sig = (latent_hw, t_rows, tuple(riding), tuple(cached), n, map_hw,
                config.reference_layers, dtype, str(device), config.region_guidance,
                config.region_guidance_min, config.region_guidance_max, prediction_type,
-               use_graphs, self.compiled, embeds.shape)
+               use_graphs, self.compiled, embeds.shape, fold)
         plan = self._plan(sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
-                          dtype)
+                          dtype, config.reference_layers, fold)
         io, st = plan.io, plan.state
+        fold = bool(plan.folded)
 
         # Fill the static buffers for this call.
         io["latents"].copy_(latents)
@@ -141,10 +179,16 @@ class FastSampler:
         io["g"].fill_(float(config.guidance_scale))
         io["labels"].zero_()
         if n:
-            weights = [r.weight for r in refs]
             for grid in plan.levels:
                 masks = masks_for_grid([r.mask for r in refs], grid, device)
                 lq = grid[0] * grid[1]
+                if fold:
+                    for key in plan.folded:
+                        if key[0] == grid:
+                            io["k_cols"][key].copy_(folded_key_columns(
+                                lq, masks, weights, head_dim=key[1], dtype=dtype,
+                                device=device))
+                    continue
                 # Rows 0..N: RBA groups; row N+1: RSA (every concept visible).
                 table = io["bias_table"][grid]
                 table[: n + 1].copy_(rba_table(lq, masks, weights, dtype=dtype, device=device))
@@ -199,7 +243,7 @@ class FastSampler:
 
     # -- plans and steps --------------------------------------------------------------
     def _plan(self, sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
-              dtype) -> _Plan:
+              dtype, reference_layers, fold) -> _Plan:
         if sig in self.plans:
             self.plans.move_to_end(sig)
             return self.plans[sig]
@@ -215,7 +259,14 @@ class FastSampler:
         }
         if riding:
             io["refs"] = torch.zeros(len(riding), c, *latent_hw, device=device, dtype=dtype)
-        levels = grid_levels(latent_hw, 4)
+        all_levels = grid_levels(latent_hw, len(pipe.unet.down_blocks))
+        by_level = modified_levels(pipe.unet, reference_layers)
+        if by_level is None:  # unknown layout: biases for every level, never folded
+            levels, fold = all_levels, False
+        else:
+            levels = [all_levels[lv] for lv in sorted(by_level)]
+        folded = ([(all_levels[lv], d) for lv in sorted(by_level) for d in sorted(by_level[lv])]
+                  if fold else [])
         state = None
         if n:
             ref_rows: list[int | None] = [None] * n
@@ -225,9 +276,16 @@ class FastSampler:
                                    cond_row=t_rows - 1, weights=[1.0] * n, masks=[], map_hw=map_hw,
                                    ref_rows=ref_rows)
             state.mode = "fast"
+            state.defer_self_maps = True
             io["is_rsa"] = torch.zeros((), dtype=torch.bool, device=device)
-            io["bias_table"] = {}
-            for grid in levels:
+            io["bias_table"], io["q_table"], io["k_cols"] = {}, {}, {}
+            for grid, d in folded:
+                lq = grid[0] * grid[1]
+                io["q_table"][grid, d] = folded_query_table(n, head_dim=d, dtype=dtype,
+                                                            device=device)
+                io["k_cols"][grid, d] = torch.zeros(
+                    lq * (n + 1), io["q_table"][grid, d].shape[-1], dtype=dtype, device=device)
+            for grid in ([] if folded else levels):
                 lq = grid[0] * grid[1]
                 io["bias_table"][grid] = torch.zeros(n + 2, lq * (n + 1), dtype=dtype,
                                                      device=device)
@@ -246,7 +304,7 @@ class FastSampler:
             io["token_bias"] = torch.zeros(t, device=device)
             io["token_scale"] = torch.ones(t, device=device)
             io["label_of"] = torch.zeros(t, dtype=torch.long, device=device)
-        plan = _Plan(io=io, state=state, target_rows=t_rows, levels=levels)
+        plan = _Plan(io=io, state=state, target_rows=t_rows, levels=levels, folded=folded)
         if device.type == "cuda":
             plan.pool = torch.cuda.graph_pool_handle()
         self.plans[sig] = plan
@@ -295,7 +353,12 @@ class FastSampler:
             n = st.n_concepts
             for grid in plan.levels:
                 groups = torch.where(io["is_rsa"], n + 1, groups_for_grid(io["labels"], grid))
-                st.bias[grid] = io["bias_table"][grid][groups]
+                if plan.folded:
+                    for key in plan.folded:
+                        if key[0] == grid:
+                            st.folded[key] = (io["q_table"][key][groups], io["k_cols"][key])
+                else:
+                    st.bias[grid] = io["bias_table"][grid][groups]
         x = io["latents"]
         parts = [x] * t_rows + ([io["refs"]] if "refs" in io else [])
         eps = self._call_unet(torch.cat(parts), io["t"], encoder_hidden_states=io["embeds"],
@@ -303,7 +366,9 @@ class FastSampler:
         labels = None
         if st is not None:
             cross, selfs, grids = st.recorded_maps()
-            scores = token_scores(cross, selfs, st.map_hw, grids=grids)
+            refined = [refine_by_self_attention(c, *qks) for c, qks in zip(cross, selfs,
+                                                                           strict=True)]
+            scores = combine_layers(refined, st.map_hw, grids=grids)
             labels = labels_from_scores(scores, io["token_bias"], io["token_scale"],
                                         io["label_of"])
         if do_cfg:

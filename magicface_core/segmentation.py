@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["latent_semantic_map", "token_scores", "token_tables", "labels_from_scores"]
+__all__ = ["latent_semantic_map", "token_scores", "refine_by_self_attention", "combine_layers",
+           "token_tables", "labels_from_scores"]
 
 
 def _square(tokens: int) -> tuple[int, int]:
@@ -27,22 +28,53 @@ def token_scores(
     """(T, h, w) per-token scores: C^_l = S_l C_l (Eq. 3), each resized bilinearly to
     one grid and averaged over layers (Eq. 4), then each token channel renormalised
     to sum to 1 over space (Eq. 5)."""
-    if not cross_maps:
-        raise ValueError("no attention maps were given")
     if len(cross_maps) != len(self_maps):
         raise ValueError(f"{len(cross_maps)} cross-attention maps but {len(self_maps)} self maps")
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    acc = None
+    refined = []
     for i, (c, s) in enumerate(zip(cross_maps, self_maps, strict=True)):
         if s.shape != (c.shape[0], c.shape[0]):
             raise ValueError(f"layer {i}: self map {tuple(s.shape)} does not match "
                              f"cross map {tuple(c.shape)}")
-        grid = grids[i] if grids is not None else _square(c.shape[0])
-        refined = s.float() @ c.float()  # (L, T)
-        refined = refined.T.reshape(1, c.shape[1], *grid)
-        refined = F.interpolate(refined, size=hw, mode="bilinear", align_corners=False)[0]
-        acc = refined if acc is None else acc + refined
-    acc = acc / len(cross_maps)
+        refined.append(s.float() @ c.float())  # (L, T)
+    return combine_layers(refined, size, grids=grids)
+
+
+def refine_by_self_attention(cross_map: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """Eq. 3's S C, with S = softmax(s Q K^T) averaged over heads, without forming S.
+
+    S C = mean_h softmax(s Q_h K_h^T) C: one SDPA call whose values are the cross map,
+    so the (L x L) self-attention map is never materialised. `q`, `k` are one batch
+    row (1, heads, L, d); runs in fp32 like the explicit product.
+    """
+    length, tokens = cross_map.shape
+    if q.shape[-2] != length or k.shape[-2] != length:
+        raise ValueError(f"self-attention of {q.shape[-2]} tokens does not match a cross "
+                         f"map of {length} positions")
+    pad = -tokens % 8  # fused kernels want the value width a multiple of 8
+    values = F.pad(cross_map.float(), (0, pad))[None, None].expand(1, q.shape[1], -1, -1)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), values, scale=scale)
+    return out[0, :, :, :tokens].mean(dim=0)
+
+
+def combine_layers(
+    refined: Sequence[torch.Tensor],
+    size: int | tuple[int, int] = 32,
+    *,
+    grids: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """Eqs. 4-5 on refined maps C^_l (L_l, T): resize to one grid, average over layers,
+    renormalise each token channel over space. Returns (T, h, w)."""
+    if not refined:
+        raise ValueError("no attention maps were given")
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    acc = None
+    for i, r in enumerate(refined):
+        grid = grids[i] if grids is not None else _square(r.shape[0])
+        r = r.float().T.reshape(1, r.shape[1], *grid)
+        r = F.interpolate(r, size=hw, mode="bilinear", align_corners=False)[0]
+        acc = r if acc is None else acc + r
+    acc = acc / len(refined)
     return acc / acc.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
 
 

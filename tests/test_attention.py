@@ -12,6 +12,10 @@ from magicface_core.attention import (
     AttentionState,
     MagicFaceAttnProcessor,
     RecordingAttnProcessor,
+    attend_folded,
+    fold_width,
+    folded_key_columns,
+    folded_query_table,
     grid_for_tokens,
     rba,
     rsa,
@@ -139,6 +143,59 @@ def test_rba_all_background_is_self_attention_and_all_i_is_rsa_with_i():
     twos = torch.full((12,), 2, dtype=torch.long)
     torch.testing.assert_close(rba(q, k, v, rk, rv, m, w, twos),
                                rsa(q, k, v, rk[1:], rv[1:], m[1:], w[1:]), atol=1e-6, rtol=1e-6)
+
+
+def folded(q, k, v, ref_k, ref_v, masks, weights, groups, dtype=torch.float32):
+    """RBA (groups 0..N) or RSA (group N+1) through the folded path."""
+    d = q.shape[-1]
+    table = folded_query_table(len(ref_k), head_dim=d, dtype=dtype, device=q.device)
+    cols = folded_key_columns(k.shape[-2], masks, weights, head_dim=d, dtype=dtype,
+                              device=q.device)
+    return attend_folded(q.to(dtype), k.to(dtype), v.to(dtype), [x.to(dtype) for x in ref_k],
+                         [x.to(dtype) for x in ref_v], table[groups], cols)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("mask_kind", ["random", "empty", "full"])
+def test_folded_bias_matches_eq2_and_eq6(shape, n, mask_kind):
+    args = make(13 * n + shape["L"], n=n, mask_kind=mask_kind, **shape)
+    g = torch.Generator().manual_seed(n + 40)
+    groups = torch.randint(0, n + 1, (shape["L"],), generator=g)
+    groups[0], groups[-1] = 0, n
+    torch.testing.assert_close(folded(*args, groups).double(), eq6(*args, groups),
+                               atol=1e-5, rtol=1e-5)
+    rsa_rows = torch.full((shape["L"],), n + 1, dtype=torch.long)
+    torch.testing.assert_close(folded(*args, rsa_rows).double(), eq2(*args),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [40, 80, 160])
+def test_folded_bias_in_fp16_stays_finite_and_close(d):
+    # SD1.5's head dims: MASKED * sqrt(d) must not overflow fp16 (0 * inf would be NaN).
+    q, k, v, rk, rv, m, w = make(17, H=2, L=64, d=d, n=3)
+    q, k = q * 3, k * 3  # logits of a realistic size
+    groups = torch.arange(64) % 5
+    got = folded(q, k, v, rk, rv, m, [20.0, 3.0, 0.5], groups.clamp_max(4),
+                 dtype=torch.float16)
+    assert torch.isfinite(got).all()
+    want = eq6(q, k, v, rk, rv, m, [20.0, 3.0, 0.5], groups.clamp_max(3))
+    rsa_rows = groups == 4
+    want[:, :, rsa_rows] = eq2(q[:, :, rsa_rows], k, v, rk, rv, m, [20.0, 3.0, 0.5])
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_fold_width_pads_to_a_multiple_of_eight():
+    for d in (2, 4, 40, 64, 80, 160):
+        for n in (1, 2, 3, 7):
+            p = fold_width(d, n)
+            assert p >= n + 1 and (d + p) % 8 == 0 and p < n + 9
+
+
+def test_folded_bias_refuses_weights_it_cannot_carry():
+    with pytest.raises(ValueError, match="folded bias"):
+        folded_key_columns(4, [torch.ones(4, dtype=torch.bool)], [1000.0], head_dim=8,
+                           dtype=torch.float16, device=torch.device("cpu"))
 
 
 def test_bad_shapes_are_rejected():

@@ -31,6 +31,44 @@ def test_fast_path_matches_reference_loop(pipe, name, limit, alpha, extra):
         assert (a != b).float().mean() <= 0.05
 
 
+@pytest.mark.parametrize("name,limit,alpha,extra", [
+    ("Paul", 3, 0.4, {}),
+    ("Cartoon", 2, 0.0, {"region_guidance": True}),
+    ("Monroe", 1, 1.0, {"guidance_scale": 1.0}),
+])
+def test_folded_bias_fast_path_matches_reference_loop(pipe, name, limit, alpha, extra):
+    prompt, concepts = example_concepts(name, limit)
+    cfg = GenerationConfig(steps=5, height=128, width=128, seed=9, alpha=alpha, **extra)
+    slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
+    pipe.fold_attention_bias = True
+    try:
+        fast = pipe.generate(prompt, concepts, cfg)
+        plans = list(pipe._fast.plans.values())
+    finally:
+        pipe.fold_attention_bias = False
+    # The folded plan really ran: query/key columns, no dense bias tables.
+    assert plans[-1].folded and not plans[-1].io["bias_table"]
+    torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
+    for a, b in zip(fast.semantic_maps, slow.semantic_maps, strict=True):
+        assert (a != b).float().mean() <= 0.05
+
+
+def test_folded_bias_falls_back_for_weights_it_cannot_carry(pipe):
+    prompt, concepts = example_concepts("Paul", 1)
+    concepts = [Concept(image=c.image, word=c.word, mask=c.mask, weight=500.0)
+                for c in concepts]
+    cfg = GenerationConfig(steps=2, height=64, width=64, seed=1)
+    pipe.fold_attention_bias = True
+    try:
+        fast = pipe.generate(prompt, concepts, cfg)
+        plan = next(reversed(pipe._fast.plans.values()))
+    finally:
+        pipe.fold_attention_bias = False
+    assert not plan.folded and plan.io["bias_table"]
+    slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
+    torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
+
+
 def test_fast_path_matches_without_concepts(pipe):
     cfg = GenerationConfig(steps=4, height=128, width=64, seed=2)
     fast = pipe.generate("a photo of a man", [], cfg)
@@ -121,3 +159,8 @@ def test_compiled_path_equals_eager():
     compiled = pipe.generate(prompt, concepts, cfg)
     assert pipe._fast.compiled, "torch.compile fell back to eager on CPU"
     torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-4, rtol=1e-3)
+    # The folded-bias attention compiles too (the GPU benchmark times it under inductor).
+    pipe.fold_attention_bias = True
+    folded = pipe.generate(prompt, concepts, cfg)
+    assert pipe._fast.compiled, "torch.compile of the folded path fell back to eager"
+    torch.testing.assert_close(folded.latents, eager.latents, atol=1e-4, rtol=1e-3)

@@ -103,3 +103,24 @@ def test_bad_inputs():
         latent_semantic_map([cross], [selfm[:10, :10]], [[2]], size=8)
     with pytest.raises(ValueError, match="out of range"):
         latent_semantic_map([cross], [selfm], [[99]], size=8)
+
+
+@pytest.mark.parametrize("heads,length,d", [(1, 16, 4), (3, 64, 8), (8, 256, 80)])
+def test_self_attention_refinement_without_forming_the_map(heads, length, d):
+    from magicface_core.segmentation import refine_by_self_attention
+
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(1, heads, length, d, generator=g) * 2
+    k = torch.randn(1, heads, length, d, generator=g) * 2
+    cross = torch.rand(length, 77, generator=g).softmax(dim=-1)
+    scale = d**-0.5
+    s = (q[0].double() @ k[0].double().transpose(-1, -2) * scale).softmax(-1).mean(0)
+    want = s @ cross.double()
+    got = refine_by_self_attention(cross, q.half(), k.half(), scale)
+    assert got.dtype == torch.float32 and got.shape == (length, 77)
+    # fp16 inputs are upcast, so the product is the fp32 one, not an fp16 one.
+    s16 = (q[0].half().double() @ k[0].half().double().transpose(-1, -2) * scale).softmax(-1)
+    torch.testing.assert_close(got.double(), s16.mean(0) @ cross.double(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.double(), want, atol=5e-3, rtol=5e-2)
+    with pytest.raises(ValueError, match="does not match"):
+        refine_by_self_attention(cross[:-1], q, k, scale)
