@@ -1,5 +1,6 @@
 """MagicFace speed on one GPU: vanilla SD1.5, MagicFace (N = 1, 2, 3; K/V cached and
-not; eager and CUDA-graph), and the authors' compute pattern, in one process.
+not; eager and CUDA-graph; dense and folded RSA/RBA bias), and the authors' compute
+pattern, in one process.
 
     python benchmarks/gpu_bench.py --out benchmarks/results/h100.json
     python benchmarks/gpu_bench.py --cpu --tiny --repeats 1 --steps 3   # CPU smoke run
@@ -140,9 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--authors-n", default="1,2,3",
                    help="concept counts for the authors' pattern (comma list, '' for none)")
+    p.add_argument("--bias", default="dense,folded",
+                   help="RSA/RBA bias forms timed for MagicFace (comma list): 'dense' (an "
+                        "additive (Lq x Lk) SDPA mask) and/or 'folded' (extra head dims, "
+                        "mask-free SDPA); folded cases are named '... [folded]'")
+    p.add_argument("--inductor-bias", default=None,
+                   help="bias forms for the inductor cases (default: --bias); each is "
+                        "one compile per plan")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="skip the remaining optional cases past this wall time")
     args = p.parse_args(argv)
+    biases = _bias_list(args.bias)
+    inductor_biases = biases if args.inductor_bias is None else _bias_list(args.inductor_bias)
 
     start = time.perf_counter()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -189,48 +199,61 @@ def main(argv: list[str] | None = None) -> int:
         fresh()
         record(f"ours vanilla ({tag})",
                measure(lambda: pipe.generate(PROMPT, [], cfg), device, rep, warm))
-        for n in (1, 2, 3):
-            concepts = references(n)
-            pipe.kv_cache = None
-            fresh()
-            record(f"magicface N={n} uncached ({tag})",
-                   measure(lambda c=concepts: pipe.generate(PROMPT, c, cfg), device, rep, warm))
-            pipe.enable_kv_cache()
-            fresh()
-            record(f"magicface N={n} cached ({tag})",
-                   measure(lambda c=concepts: pipe.generate(PROMPT, c, cfg), device, rep,
-                           max(warm, 1)))
-            pipe.kv_cache = None
+        for bias in biases:
+            pipe.fold_attention_bias = bias == "folded"
+            for n in (1, 2, 3):
+                concepts = references(n)
+                pipe.kv_cache = None
+                fresh()
+                record(case(f"magicface N={n} uncached", tag, bias),
+                       measure(lambda c=concepts: pipe.generate(PROMPT, c, cfg), device, rep,
+                               warm))
+                pipe.enable_kv_cache()
+                fresh()
+                record(case(f"magicface N={n} cached", tag, bias),
+                       measure(lambda c=concepts: pipe.generate(PROMPT, c, cfg), device, rep,
+                               max(warm, 1)))
+                pipe.kv_cache = None
+        pipe.fold_attention_bias = False
 
-    # The CUDA-graph loop computes what the eager loop computes.
+    # The CUDA-graph loop computes what the eager loop computes, and the folded bias
+    # what the dense bias computes (up to fp16 rounding of w*sqrt(d)).
     if device.type == "cuda":
         concepts = references(2)
         outs = {}
-        for graphs in (False, True):
-            pipe.use_cuda_graphs = graphs
+        for graphs, fold in ((False, False), (True, False), (True, True)):
+            pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
             fresh()
-            outs[graphs] = pipe.generate(PROMPT, concepts, cfg).latents.float()
-        diff = (outs[True] - outs[False]).norm() / outs[False].norm().clamp_min(1e-12)
-        result["graph_vs_eager_rel_err"] = float(diff)
-        result["latents_finite"] = bool(torch.isfinite(outs[True]).all())
-        print(f"graph vs eager relative error {float(diff):.2e}, finite "
+            outs[graphs, fold] = pipe.generate(PROMPT, concepts, cfg).latents.float()
+        pipe.fold_attention_bias = False
+
+        def rel(a, b) -> float:
+            return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+        result["graph_vs_eager_rel_err"] = rel(outs[True, False], outs[False, False])
+        result["folded_vs_dense_rel_err"] = rel(outs[True, True], outs[True, False])
+        result["latents_finite"] = all(bool(torch.isfinite(o).all()) for o in outs.values())
+        print(f"graph vs eager relative error {result['graph_vs_eager_rel_err']:.2e}, "
+              f"folded vs dense {result['folded_vs_dense_rel_err']:.2e}, finite "
               f"{result['latents_finite']}", flush=True)
 
     # No host-device sync inside the step loop (warm plans: graphs already captured).
     if device.type == "cuda":
         checks = {}
-        for graphs in (True, False):
-            pipe.use_cuda_graphs = graphs
+        for graphs, fold in ((True, False), (False, False), (False, True)):
+            pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
+            label = ("graph" if graphs else "eager") + (" [folded]" if fold else "")
             pipe.generate(PROMPT, references(2), cfg)
             pipe._fast.check_syncs = True
             try:
                 pipe.generate(PROMPT, references(2), cfg)
-                checks["graph" if graphs else "eager"] = "no sync in the step loop"
+                checks[label] = "no sync in the step loop"
             except RuntimeError as e:
-                checks["graph" if graphs else "eager"] = f"sync found: {e}"[:300]
+                checks[label] = f"sync found: {e}"[:300]
             finally:
                 pipe._fast.check_syncs = False
                 torch.cuda.set_sync_debug_mode(0)
+        pipe.fold_attention_bias = False
         result["sync_check"] = checks
         print("sync check:", checks, flush=True)
     pipe.use_cuda_graphs = True
@@ -277,22 +300,26 @@ def main(argv: list[str] | None = None) -> int:
         # One compile per plan shape (~1 min each on an H100 host): leave room for it.
         pipe.enable_compile("default")
         pipe.use_cuda_graphs = True
-        cases = []
-        for n in [int(x) for x in args.inductor_n.split(",") if x.strip()]:
-            cases += [(f"magicface N={n} uncached (inductor+graph)", references(n), False),
-                      (f"magicface N={n} cached (inductor+graph)", references(n), True)]
-        cases.append(("ours vanilla (inductor+graph)", [], False))
-        for name, cs, cached in cases:
+        cases = [("ours vanilla (inductor+graph)", [], False, "dense")]
+        for bias in inductor_biases:
+            for n in [int(x) for x in args.inductor_n.split(",") if x.strip()]:
+                cases += [(case(f"magicface N={n} uncached", "inductor+graph", bias),
+                           references(n), False, bias),
+                          (case(f"magicface N={n} cached", "inductor+graph", bias),
+                           references(n), True, bias)]
+        for name, cs, cached, bias in cases:
             if time.perf_counter() - start > args.budget_s - 90:
                 print(f"skipping {name}: over budget", flush=True)
                 continue
             pipe.kv_cache = None
             if cached:
                 pipe.enable_kv_cache()
+            pipe.fold_attention_bias = bias == "folded"
             fresh()
             record(name, measure(lambda c=cs: pipe.generate(PROMPT, c, cfg), device, rep, 2))
             result["cases"][name]["inductor_active"] = pipe._fast.compiled
         pipe.kv_cache = None
+        pipe.fold_attention_bias = False
 
     summarize(result)
     result["wall_s"] = time.perf_counter() - start
@@ -301,32 +328,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _bias_list(text: str) -> list[str]:
+    out = [b.strip() for b in text.split(",") if b.strip()]
+    bad = [b for b in out if b not in ("dense", "folded")]
+    if bad:
+        raise SystemExit(f"--bias: unknown form(s) {bad}; use dense and/or folded")
+    return out
+
+
+def case(what: str, tag: str, bias: str) -> str:
+    """Case name; dense-bias names are the ones earlier result files use."""
+    return f"{what} ({tag})" + (" [folded]" if bias == "folded" else "")
+
+
 def summarize(result: dict) -> None:
-    """Per loop kind (eager, graph, inductor+graph): the issue's target quantities."""
+    """Per loop kind (eager, graph, inductor+graph) and bias form: the issue's target
+    quantities."""
     c = {k: v["median_s"] for k, v in result["cases"].items()}
     authors = c.get("authors' pattern N=2 (fp32, explicit)")
     s: dict = {}
     for tag in ("eager", "graph", "inductor+graph"):
-        d: dict = {}
-        u2, c2 = c.get(f"magicface N=2 uncached ({tag})"), c.get(f"magicface N=2 cached ({tag})")
         van = c.get(f"ours vanilla ({tag})")
-        if u2:
-            d["n2_uncached_s"] = u2
-            if authors:
-                d["speedup_vs_authors_pattern_n2"] = authors / u2
-        if c2 and van:
-            d["n2_cached_over_vanilla_same_loop"] = c2 / van
-        if all(f"magicface N={n} uncached ({tag})" in c for n in (1, 3)):
-            d["uncached_cost_per_extra_concept_s"] = (c[f"magicface N=3 uncached ({tag})"]
-                                                      - c[f"magicface N=1 uncached ({tag})"]) / 2
-            d["cached_cost_per_extra_concept_s"] = (c[f"magicface N=3 cached ({tag})"]
-                                                    - c[f"magicface N=1 cached ({tag})"]) / 2
-            peak = result["cases"][f"magicface N=3 uncached ({tag})"].get("peak_gib")
-            vpeak = result["cases"].get(f"ours vanilla ({tag})", {}).get("peak_gib")
-            if peak and vpeak:
-                d["n3_uncached_peak_over_vanilla"] = peak / vpeak
-        if d:
-            s[tag] = d
+        vpeak = result["cases"].get(f"ours vanilla ({tag})", {}).get("peak_gib")
+        for bias in ("dense", "folded"):
+            def m(what: str, b: str = bias, t: str = tag) -> float | None:
+                return c.get(case(f"magicface {what}", t, b))
+
+            d: dict = {}
+            u2, c2 = m("N=2 uncached"), m("N=2 cached")
+            if u2:
+                d["n2_uncached_s"] = u2
+                if authors:
+                    d["speedup_vs_authors_pattern_n2"] = authors / u2
+            if c2 and van:
+                d["n2_cached_over_vanilla_same_loop"] = c2 / van
+            if all(m(f"N={n} {k}") for n in (1, 3) for k in ("uncached", "cached")):
+                d["uncached_cost_per_extra_concept_s"] = (m("N=3 uncached")
+                                                          - m("N=1 uncached")) / 2
+                d["cached_cost_per_extra_concept_s"] = (m("N=3 cached") - m("N=1 cached")) / 2
+                peak = result["cases"][case("magicface N=3 uncached", tag, bias)].get(
+                    "peak_gib")
+                if peak and vpeak:
+                    d["n3_uncached_peak_over_vanilla"] = peak / vpeak
+            if d:
+                s[tag if bias == "dense" else f"{tag} [folded]"] = d
     result["summary"] = s
     print("summary:", json.dumps(s, indent=2), flush=True)
 

@@ -1,0 +1,38 @@
+"""The GPU benchmark's CPU smoke mode runs every code path it times on the GPU (no
+timing is asserted: speed lives in benchmarks/, this only keeps the script working)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_cpu_smoke_run_writes_every_case(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--cpu", "--tiny",
+         "--repeats", "1", "--steps", "2", "--authors-n", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = set(result["cases"])
+    for n in (1, 2, 3):
+        for kind in ("uncached", "cached"):
+            assert f"magicface N={n} {kind} (eager)" in names
+            assert f"magicface N={n} {kind} (eager) [folded]" in names
+    assert {"ours vanilla (eager)", "authors' pattern N=2 (fp32, explicit)",
+            "diffusers SD1.5 (eager)"} <= names
+    assert all(c["median_s"] > 0 for c in result["cases"].values())
+    assert {"eager", "eager [folded]"} <= set(result["summary"])
+    assert "speedup_vs_authors_pattern_n2" in result["summary"]["eager"]
+
+
+def test_gpu_bench_rejects_an_unknown_bias_form():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--cpu", "--tiny",
+         "--bias", "sparse"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "unknown form" in proc.stderr
