@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the final semantic map as a coloured overlay")
     g.add_argument("--region-guidance", action="store_true")
     g.add_argument("--ca-scale", type=float, default=1.0)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (slow first image; falls back to eager)")
+    g.add_argument("--fold-bias", action="store_true",
+                   help="carry the RSA/RBA bias in extra head dims (mask-free SDPA)")
     return p
 
 
@@ -130,6 +134,9 @@ def _generate(args: argparse.Namespace) -> int:
             pipe.to(dtype=dtype)
     else:
         pipe = MagicFacePipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    pipe.fold_attention_bias = args.fold_bias
+    if args.compile:
+        pipe.enable_compile()
 
     with tqdm(total=config.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
         res = pipe.generate(args.prompt, concepts, config,

@@ -59,3 +59,17 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert "concept word 'scarf' does not occur" in proc.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_fold_bias_gives_the_same_image(tmp_path):
+    paul = EXAMPLES / "Paul"
+    outs = []
+    for extra in ([], ["--fold-bias"]):
+        out = tmp_path / f"out{len(extra)}.png"
+        rc = main(["generate", "--tiny", "--prompt", "a man with a hat", "--steps", "3",
+                   "--concept", f"man={paul / 'image/man.jpg'},mask={paul / 'mask/man.jpg'}",
+                   "--concept", f"hat={paul / 'image/hat.jpg'},mask={paul / 'mask/hat.jpg'}",
+                   "--out", str(out), "--seed", "2", *extra])
+        assert rc == 0
+        outs.append(np.asarray(Image.open(out)).astype(int))
+    assert np.abs(outs[0] - outs[1]).max() <= 1

@@ -100,3 +100,14 @@ def test_cancel_flag_set_before_start(runtime):
     run_burst(rt, queue)
     view = jobs.describe(job, queue)
     assert view["status"] == "canceled" and view["progress"]["step"] == 0
+
+
+def test_worker_settings_choose_the_fast_path_options():
+    from worker.__main__ import load_pipeline
+
+    plain = load_pipeline(Settings(magicface_model="tiny", device="cpu"))
+    assert not plain.fold_attention_bias and not plain._fast.compiled
+    assert plain.kv_cache is not None
+    tuned = load_pipeline(Settings(magicface_model="tiny", device="cpu",
+                                   fold_attention_bias=True, torch_compile=True))
+    assert tuned.fold_attention_bias and tuned._fast.compiled

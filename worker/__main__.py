@@ -29,6 +29,9 @@ def load_pipeline(settings: Settings):
         pipe = MagicFacePipeline.from_pretrained(settings.magicface_model, device=device,
                                                  dtype=dtype)
     pipe.enable_kv_cache(settings.kv_cache_device_bytes, settings.kv_cache_host_bytes)
+    pipe.fold_attention_bias = settings.fold_attention_bias
+    if settings.torch_compile:
+        pipe.enable_compile()
     return pipe
 
 
