@@ -35,6 +35,10 @@ from magicface_core import Concept, GenerationConfig, MagicFacePipeline  # noqa:
 from magicface_core.models import Components, tiny_components, write_tiny_tokenizer  # noqa: E402
 
 PROMPT = "a man with a hat wearing sunglasses"
+# Inductor settings commonly used for diffusion UNets (no triton.cudagraphs: the fast
+# loop captures its own graph around the compiled UNet).
+TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                  "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
 
 
 def sd15_components(device: torch.device, dtype: torch.dtype) -> Components:
@@ -148,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor-bias", default=None,
                    help="bias forms for the inductor cases (default: --bias); each is "
                         "one compile per plan")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="fused Q/K/V projections for the whole run (vanilla cases too)")
+    p.add_argument("--inductor-options", choices=("none", "tuned"), default="none",
+                   help="'tuned': inductor options instead of mode 'default' (1x1 convs as "
+                        "matmuls, coordinate-descent tuning; longer compiles)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="skip the remaining optional cases past this wall time")
     args = p.parse_args(argv)
@@ -160,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or (128 if args.tiny else 512)
     comps = tiny_components(0) if args.tiny else sd15_components(device, dtype)
     pipe = MagicFacePipeline.from_components(comps, model_name="bench").to(device, dtype)
+    if args.fuse_qkv:
+        pipe.fuse_qkv_projections()
     cfg = GenerationConfig(steps=args.steps, guidance_scale=7.5, alpha=0.4, seed=1,
                            height=size, width=size, return_semantic_maps=False)
     result = {
@@ -167,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         or "cpu",
         "torch": torch.__version__, "dtype": str(dtype), "size": size, "steps": args.steps,
         "model": "tiny" if args.tiny else "SD1.5 architecture, random weights",
-        "repeats": args.repeats, "cases": {},
+        "repeats": args.repeats, "fuse_qkv": args.fuse_qkv,
+        "inductor_options": TUNED_INDUCTOR if args.inductor_options == "tuned" else None,
+        "cases": {},
     }
 
     def fresh() -> None:
@@ -298,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         sd.unet = unet
     if args.inductor:
         # One compile per plan shape (~1 min each on an H100 host): leave room for it.
-        pipe.enable_compile("default")
+        if args.inductor_options == "tuned":
+            pipe.enable_compile(options=TUNED_INDUCTOR)
+        else:
+            pipe.enable_compile("default")
         pipe.use_cuda_graphs = True
         cases = [("ours vanilla (inductor+graph)", [], False, "dense")]
         for bias in inductor_biases:

@@ -400,12 +400,20 @@ def _project(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Ten
     """q, k, v in (B, heads, L, d) as diffusers' AttnProcessor2_0 computes them."""
     if attn.spatial_norm is not None or attn.group_norm is not None:
         raise NotImplementedError("spatial/group-normed attention is not used by SD UNets")
-    query = attn.to_q(hidden_states)
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     if encoder_hidden_states is not None and attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
-    key = attn.to_k(context)
-    value = attn.to_v(context)
+    fused = getattr(attn, "fused_projections", False)
+    if fused and encoder_hidden_states is None and hasattr(attn, "to_qkv"):
+        # One matmul for Q, K and V (diffusers' fuse_qkv_projections).
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    elif fused and encoder_hidden_states is not None and hasattr(attn, "to_kv"):
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_kv(context).chunk(2, dim=-1)
+    else:
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
     b = hidden_states.shape[0]
     head_dim = key.shape[-1] // attn.heads
     query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)

@@ -88,9 +88,17 @@ class MagicFacePipeline:
         self.kv_cache = ReferenceKVCache(device_bytes=device_bytes, host_bytes=host_bytes)
         return self.kv_cache
 
-    def enable_compile(self, mode: str = "default") -> None:
-        """torch.compile the UNet for the fast path (falls back to eager on failure)."""
-        self._fast.enable_compile(mode)
+    def enable_compile(self, mode: str = "default", options: dict | None = None) -> None:
+        """torch.compile the UNet for the fast path (falls back to eager on failure).
+        `options` (inductor config, e.g. `{"conv_1x1_as_mm": True}`) replaces `mode`."""
+        self._fast.enable_compile(mode, options)
+
+    def fuse_qkv_projections(self) -> None:
+        """One matmul for each self-attention's Q, K, V and each cross-attention's K, V
+        (diffusers' fused projections; same maths, fewer kernels). Both loops and every
+        processor of this library use the fused weights once set."""
+        self.unet.fuse_qkv_projections()
+        self._fast.plans.clear()
 
     @property
     def fold_attention_bias(self) -> bool:

@@ -104,10 +104,20 @@ class FastSampler:
         self.fold_bias = False
 
     # -- compile ----------------------------------------------------------------------
-    def enable_compile(self, mode: str = "default") -> None:
+    def enable_compile(self, mode: str = "default", options: dict | None = None) -> None:
         """torch.compile the UNet (inductor). On CUDA the step is still captured as a
-        CUDA graph by us, so pick a mode without its own cudagraphs."""
-        self.unet_call = torch.compile(self.pipe.unet, mode=mode, dynamic=False)
+        CUDA graph by us, so pick a mode (or options) without its own cudagraphs."""
+        if options is not None:
+            if options.get("triton.cudagraphs"):
+                raise ValueError("the fast loop captures its own CUDA graphs: leave "
+                                 "triton.cudagraphs off")
+            self.unet_call = torch.compile(self.pipe.unet, options=options, dynamic=False)
+        else:
+            if mode in ("reduce-overhead", "max-autotune"):
+                raise ValueError(f"mode {mode!r} adds inductor's own CUDA graphs; the fast "
+                                 "loop captures its own: use 'default' or "
+                                 "'max-autotune-no-cudagraphs'")
+            self.unet_call = torch.compile(self.pipe.unet, mode=mode, dynamic=False)
         self.compiled = True
         self.plans.clear()
 

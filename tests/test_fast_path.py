@@ -164,3 +164,43 @@ def test_compiled_path_equals_eager():
     folded = pipe.generate(prompt, concepts, cfg)
     assert pipe._fast.compiled, "torch.compile of the folded path fell back to eager"
     torch.testing.assert_close(folded.latents, eager.latents, atol=1e-4, rtol=1e-3)
+
+
+def test_fused_qkv_projections_give_the_same_image():
+    pipe = MagicFacePipeline.tiny(seed=0)
+    prompt, concepts = example_concepts("Paul", 2)
+    cfg = GenerationConfig(steps=4, height=128, width=128, seed=3, alpha=0.5)
+    before = {fast: pipe.generate(prompt, concepts, cfg.replace(fast_path=fast)).latents
+              for fast in (True, False)}
+    vanilla = pipe.generate(prompt, [], cfg).latents
+    pipe.fuse_qkv_projections()
+    fused_modules = [m for m in pipe.unet.modules() if getattr(m, "fused_projections", False)]
+    assert fused_modules and all(hasattr(m, "to_qkv") or hasattr(m, "to_kv")
+                                 for m in fused_modules)
+    # The fused weights are the ones in use: zeroing the unfused ones changes nothing.
+    for m in fused_modules:
+        for lin in (m.to_k, m.to_v) + ((m.to_q,) if hasattr(m, "to_qkv") else ()):
+            lin.weight.data.zero_()
+    for fast in (True, False):
+        after = pipe.generate(prompt, concepts, cfg.replace(fast_path=fast)).latents
+        torch.testing.assert_close(after, before[fast], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(pipe.generate(prompt, [], cfg).latents, vanilla,
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_compile_modes_with_their_own_cuda_graphs_are_refused(pipe):
+    with pytest.raises(ValueError, match="own CUDA graphs"):
+        pipe.enable_compile("reduce-overhead")
+    with pytest.raises(ValueError, match="triton.cudagraphs"):
+        pipe.enable_compile(options={"triton.cudagraphs": True})
+    assert not pipe._fast.compiled
+
+
+def test_compile_options_reach_torch_compile(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    pipe = MagicFacePipeline.tiny(seed=0)
+    pipe.enable_compile(options={"conv_1x1_as_mm": True})
+    pipe.enable_compile("max-autotune-no-cudagraphs")
+    assert calls == [{"options": {"conv_1x1_as_mm": True}, "dynamic": False},
+                     {"mode": "max-autotune-no-cudagraphs", "dynamic": False}]
