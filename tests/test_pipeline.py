@@ -194,6 +194,12 @@ def test_sd2_style_unet(small_config):
     prompt, concepts = example_concepts("Paul", limit=2)
     res = pipe.generate(prompt, concepts, small_config)
     assert np.isfinite(res.latents.numpy()).all()
+    # Per-level head dims differ from SD1.5's: the folded bias reads them per layer.
+    slow = pipe.generate(prompt, concepts, small_config.replace(fast_path=False))
+    pipe.fold_attention_bias = True
+    folded = pipe.generate(prompt, concepts, small_config)
+    torch.testing.assert_close(folded.latents, slow.latents, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(res.latents, slow.latents, atol=2e-5, rtol=1e-4)
 
 
 def test_solid_reference_with_full_mask_runs(pipe, small_config):
