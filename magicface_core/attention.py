@@ -70,6 +70,15 @@ def _check_refs(k: torch.Tensor, ref_k, ref_v, ref_masks, weights) -> None:
             raise ValueError(f"reference {i}: head dim {ref_k[i].shape[-1]} != {k.shape[-1]}")
 
 
+def _joined(k: torch.Tensor, v: torch.Tensor, ref_k: Sequence[torch.Tensor],
+            ref_v: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K ; K_1..K_N] and [V ; V_1..V_N], the references broadcast over the batch."""
+    b = k.shape[0]
+    keys = torch.cat([k, *(rk.expand(b, -1, -1, -1) for rk in ref_k)], dim=-2)
+    values = torch.cat([v, *(rv.expand(b, -1, -1, -1) for rv in ref_v)], dim=-2)
+    return keys, values
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,8 +88,7 @@ def attend(
     bias: torch.Tensor,
 ) -> torch.Tensor:
     """One SDPA over [K ; K_1..K_N] with an additive bias of shape (Lk,) or (Lq, Lk)."""
-    keys = torch.cat([k, *(rk.expand(k.shape[0], -1, -1, -1) for rk in ref_k)], dim=-2)
-    values = torch.cat([v, *(rv.expand(v.shape[0], -1, -1, -1) for rv in ref_v)], dim=-2)
+    keys, values = _joined(k, v, ref_k, ref_v)
     if bias.dim() == 1:
         bias = bias.expand(q.shape[-2], -1)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
@@ -258,8 +266,7 @@ def attend_folded(
     from `folded_key_columns`.
     """
     b, h, _, d = q.shape
-    keys = torch.cat([k, *(rk.expand(b, -1, -1, -1) for rk in ref_k)], dim=-2)
-    values = torch.cat([v, *(rv.expand(b, -1, -1, -1) for rv in ref_v)], dim=-2)
+    keys, values = _joined(k, v, ref_k, ref_v)
     qf = torch.cat([q, q_cols.to(q.dtype).expand(b, h, -1, -1)], dim=-1)
     kf = torch.cat([keys, k_cols.to(q.dtype).expand(b, h, -1, -1)], dim=-1)
     vf = F.pad(values, (0, q_cols.shape[-1]))
