@@ -157,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor-options", choices=("none", "tuned"), default="none",
                    help="'tuned': inductor options instead of mode 'default' (1x1 convs as "
                         "matmuls, coordinate-descent tuning; longer compiles)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="UNet weights in channels_last memory format (whole run)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True (whole run)")
+    p.add_argument("--profile", action="store_true",
+                   help="also record a kernel-time breakdown (torch.profiler) of one eager "
+                        "N=2 run per bias form, uncached and cached")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="skip the remaining optional cases past this wall time")
     args = p.parse_args(argv)
@@ -171,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe = MagicFacePipeline.from_components(comps, model_name="bench").to(device, dtype)
     if args.fuse_qkv:
         pipe.fuse_qkv_projections()
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     cfg = GenerationConfig(steps=args.steps, guidance_scale=7.5, alpha=0.4, seed=1,
                            height=size, width=size, return_semantic_maps=False)
     result = {
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "dtype": str(dtype), "size": size, "steps": args.steps,
         "model": "tiny" if args.tiny else "SD1.5 architecture, random weights",
         "repeats": args.repeats, "fuse_qkv": args.fuse_qkv,
+        "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
         "inductor_options": TUNED_INDUCTOR if args.inductor_options == "tuned" else None,
         "cases": {},
     }
@@ -270,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         result["sync_check"] = checks
         print("sync check:", checks, flush=True)
     pipe.use_cuda_graphs = True
+    if args.profile:
+        result["profiles"] = profile_cases(pipe, device, cfg, biases)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
 
     # The authors' compute pattern: fp32, explicit attention, batch 2(1+N).
     a_rep = args.authors_repeats
@@ -342,6 +358,48 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def profile_cases(pipe, device: torch.device, cfg: GenerationConfig,
+                  biases: list[str], top: int = 25) -> dict:
+    """Where one eager N=2 run spends its time: the top kernels by self device time (ops
+    by self CPU time on a CPU run), per bias form, uncached and cached. Eager, so every
+    kernel is seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # Self time: kernels on a GPU (an aten op's kernels are its children), ops on a CPU.
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out: dict = {}
+    graphs, fold = pipe.use_cuda_graphs, pipe.fold_attention_bias
+    pipe.use_cuda_graphs = False
+    try:
+        for bias in biases:
+            pipe.fold_attention_bias = bias == "folded"
+            for cached in (False, True):
+                pipe.kv_cache = pipe.enable_kv_cache() if cached else None
+                concepts = references(2)
+                pipe.generate(PROMPT, concepts, cfg)  # warm-up (fills the cache)
+                sync(device)
+                with profile(activities=activities) as prof:
+                    pipe.generate(PROMPT, concepts, cfg)
+                    sync(device)
+                rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0),
+                              reverse=True)[:top]
+                name = f"N=2 {'cached' if cached else 'uncached'} (eager) [{bias}]"
+                total = sum(getattr(e, key, 0.0) for e in prof.key_averages())
+                out[name] = {"total_us": total, "top": [
+                    {"op": e.key, "us": getattr(e, key, 0.0), "count": e.count}
+                    for e in rows]}
+                print(f"profile {name}:", flush=True)
+                for e in rows[:12]:
+                    print(f"  {getattr(e, key, 0.0) / 1e3:9.1f} ms  x{e.count:<6} {e.key[:90]}",
+                          flush=True)
+    finally:
+        pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
+        pipe.kv_cache = None
+    return out
 
 
 def _bias_list(text: str) -> list[str]:

@@ -15,7 +15,8 @@ def test_gpu_bench_cpu_smoke_run_writes_every_case(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--cpu", "--tiny",
-         "--repeats", "1", "--steps", "2", "--authors-n", "2", "--out", str(out)],
+         "--repeats", "1", "--steps", "2", "--authors-n", "2", "--profile",
+         "--channels-last", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -29,6 +30,12 @@ def test_gpu_bench_cpu_smoke_run_writes_every_case(tmp_path):
     assert all(c["median_s"] > 0 for c in result["cases"].values())
     assert {"eager", "eager [folded]"} <= set(result["summary"])
     assert "speedup_vs_authors_pattern_n2" in result["summary"]["eager"]
+    assert result["channels_last"] is True
+    profiles = result["profiles"]
+    assert set(profiles) == {f"N=2 {c} (eager) [{b}]" for c in ("uncached", "cached")
+                             for b in ("dense", "folded")}
+    for p in profiles.values():
+        assert p["total_us"] > 0 and p["top"] and all(r["count"] >= 1 for r in p["top"])
 
 
 def test_gpu_bench_rejects_an_unknown_bias_form():
