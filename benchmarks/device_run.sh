@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
 if ! python3 -c "import diffusers" 2>/dev/null; then
     ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/ wheels carried: see the header" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
