@@ -147,9 +147,9 @@ class FastSampler:
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
         ref_seed = config.seed if config.reference_seed is None else config.reference_seed
 
-        weights = [r.weight for r in refs]
+        # The folded bias carries weights up to MAX_FOLDED_WEIGHT; beyond, dense.
         fold = (self.fold_bias and n > 0
-                and all(abs(w) <= MAX_FOLDED_WEIGHT for w in weights))
+                and all(abs(r.weight) <= MAX_FOLDED_WEIGHT for r in refs))
         # Which references come from the cache and which ride in the batch.
         keys: list[str | None] = [None] * n
         entries: list[KVEntry | None] = [None] * n
@@ -181,7 +181,6 @@ class FastSampler:
         plan = self._plan(sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
                           dtype, config.reference_layers, fold)
         io, st = plan.io, plan.state
-        fold = bool(plan.folded)
 
         # Fill the static buffers for this call.
         io["latents"].copy_(latents)
@@ -189,20 +188,7 @@ class FastSampler:
         io["g"].fill_(float(config.guidance_scale))
         io["labels"].zero_()
         if n:
-            for grid in plan.levels:
-                masks = masks_for_grid([r.mask for r in refs], grid, device)
-                lq = grid[0] * grid[1]
-                if fold:
-                    for key in plan.folded:
-                        if key[0] == grid:
-                            io["k_cols"][key].copy_(folded_key_columns(
-                                lq, masks, weights, head_dim=key[1], dtype=dtype,
-                                device=device))
-                    continue
-                # Rows 0..N: RBA groups; row N+1: RSA (every concept visible).
-                table = io["bias_table"][grid]
-                table[: n + 1].copy_(rba_table(lq, masks, weights, dtype=dtype, device=device))
-                table[n + 1].copy_(rsa_bias(lq, masks, weights, dtype=dtype, device=device))
+            self._fill_biases(plan, refs, device, dtype)
             positions = pipe._prompt_positions(prompt)
             tb, ts, tl = token_tables(io["token_bias"].numel(), concept_tokens, positions,
                                       config.ca_scale, device=device)
@@ -250,6 +236,26 @@ class FastSampler:
             cache.put(keys[j], KVEntry(steps))
         return (io["latents"].clone(), [] if maps is None else list(maps.cpu()),
                 len(cached), len(riding) if cache is not None else 0)
+
+    @staticmethod
+    def _fill_biases(plan: _Plan, refs: list[PreparedReference], device, dtype) -> None:
+        """This call's masks and weights into the plan's bias buffers, per level: the
+        folded key columns, or the dense table (rows 0..N: RBA groups; row N+1: RSA,
+        every concept visible)."""
+        io, n = plan.io, len(refs)
+        weights = [r.weight for r in refs]
+        for grid in plan.levels:
+            masks = masks_for_grid([r.mask for r in refs], grid, device)
+            lq = grid[0] * grid[1]
+            if plan.folded:
+                for key in plan.folded:
+                    if key[0] == grid:
+                        io["k_cols"][key].copy_(folded_key_columns(
+                            lq, masks, weights, head_dim=key[1], dtype=dtype, device=device))
+                continue
+            table = io["bias_table"][grid]
+            table[: n + 1].copy_(rba_table(lq, masks, weights, dtype=dtype, device=device))
+            table[n + 1].copy_(rsa_bias(lq, masks, weights, dtype=dtype, device=device))
 
     # -- plans and steps --------------------------------------------------------------
     def _plan(self, sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
