@@ -30,6 +30,8 @@ def load_pipeline(settings: Settings):
                                                  dtype=dtype)
     pipe.enable_kv_cache(settings.kv_cache_device_bytes, settings.kv_cache_host_bytes)
     pipe.fold_attention_bias = settings.fold_attention_bias
+    if settings.fuse_qkv_projections:
+        pipe.fuse_qkv_projections()
     if settings.torch_compile:
         pipe.enable_compile()
     return pipe
