@@ -39,6 +39,17 @@ class KVEntry:
         return KVEntry([{name: (k.to(device), v.to(device)) for name, (k, v) in s.items()}
                         for s in self.steps])
 
+    def to_host(self) -> KVEntry:
+        """A host copy; page-locked when it comes from a GPU, so that a later hit's
+        per-step copies back (non_blocking) are real asynchronous transfers."""
+        def host(t: torch.Tensor) -> torch.Tensor:
+            if t.device.type != "cuda":
+                return t.to("cpu")
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+        return KVEntry([{name: (host(k), host(v)) for name, (k, v) in s.items()}
+                        for s in self.steps])
+
     @property
     def device(self) -> torch.device:
         for s in self.steps:
@@ -129,10 +140,10 @@ class ReferenceKVCache:
                 self._device[key] = entry
                 while self._bytes(self._device) > self.device_bytes:
                     old_key, old = self._device.popitem(last=False)
-                    self._put_host(old_key, old.to("cpu"))
+                    self._put_host(old_key, old.to_host())
                     self.stats.spills += 1
             else:
-                self._put_host(key, entry if not on_gpu else entry.to("cpu"))
+                self._put_host(key, entry if not on_gpu else entry.to_host())
 
     def _put_host(self, key: str, entry: KVEntry) -> None:
         if entry.nbytes > self.host_bytes:

@@ -204,3 +204,14 @@ def test_compile_options_reach_torch_compile(monkeypatch):
     pipe.enable_compile("max-autotune-no-cudagraphs")
     assert calls == [{"options": {"conv_1x1_as_mm": True}, "dynamic": False},
                      {"mode": "max-autotune-no-cudagraphs", "dynamic": False}]
+
+
+def test_host_copy_of_a_cache_entry_keeps_every_tensor():
+    g = torch.Generator().manual_seed(0)
+    steps = [{"a": (torch.randn(1, 2, 4, 3, generator=g), torch.randn(1, 2, 4, 3, generator=g))}
+             for _ in range(3)]
+    host = KVEntry(steps).to_host()
+    assert host.device.type == "cpu" and host.nbytes == KVEntry(steps).nbytes
+    for s, h in zip(steps, host.steps, strict=True):
+        for (k, v), (hk, hv) in zip(s.values(), h.values(), strict=True):
+            assert torch.equal(k, hk) and torch.equal(v, hv)
