@@ -18,6 +18,7 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 benchmarks/attention_bench.py --out "$out/attn.json" 2>&1 | tee "$out/attn.log"
 if [ "${RUN:-3}" = 4 ]; then
     python3 benchmarks/gpu_bench.py --inductor --inductor-n 2 --inductor-bias folded \
         --bias folded --fuse-qkv --inductor-options tuned --no-eager --no-diffusers \

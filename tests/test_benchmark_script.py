@@ -43,3 +43,17 @@ def test_gpu_bench_rejects_an_unknown_bias_form():
         [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--cpu", "--tiny",
          "--bias", "sparse"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "unknown form" in proc.stderr
+
+
+def test_attention_bench_cpu_smoke_run(tmp_path):
+    out = tmp_path / "attn.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "attention_bench.py"), "--cpu",
+         "--repeats", "1", "--inner", "1", "--concepts", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    for level in ("64x64", "32x32"):
+        assert cases[f"{level} N=1 dense"] > 0 and cases[f"{level} N=1 folded"] > 0
+        # The two bias forms compute the same attention (fp32 on the CPU).
+        assert cases[f"{level} N=1 folded_vs_dense_rel_err"] < 1e-5
