@@ -47,6 +47,14 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def repeated(fn, inner: int, *args):
+    """`fn(*args)` called `inner` times: one timed unit."""
+    def run():
+        for _ in range(inner):
+            fn(*args)
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cpu", action="store_true")
@@ -67,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             return torch.randn(*shape, generator=g).to(device, dtype)
 
         q, k, v = rand(1, heads, length, d), rand(1, heads, length, d), rand(1, heads, length, d)
-        plain_t = timed(lambda: [F.scaled_dot_product_attention(q, k, v)
-                                 for _ in range(args.inner)], device, args.repeats)
+        plain_t = timed(repeated(F.scaled_dot_product_attention, args.inner, q, k, v), device,
+                        args.repeats)
         result["cases"][f"{level} plain self-attention"] = plain_t / args.inner * 1e3
         for n in [int(x) for x in args.concepts.split(",") if x.strip()]:
             rk = [rand(1, heads, length, d) for _ in range(n)]
@@ -80,14 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             cols = folded_key_columns(length, masks, weights, head_dim=d, dtype=dtype,
                                       device=device)
             qtable = folded_query_table(n, head_dim=d, dtype=dtype, device=device)
-
-            def dense():
-                for _ in range(args.inner):
-                    attend(q, k, v, rk, rv, table[groups])
-
-            def folded():
-                for _ in range(args.inner):
-                    attend_folded(q, k, v, rk, rv, qtable[groups], cols)
+            # The per-step gathers (bias rows, query columns) are part of each form's cost.
+            dense = repeated(lambda *a: attend(*a[:5], a[5][a[6]]), args.inner,
+                             q, k, v, rk, rv, table, groups)
+            folded = repeated(lambda *a: attend_folded(*a[:5], a[5][a[6]], a[7]), args.inner,
+                              q, k, v, rk, rv, qtable, groups, cols)
 
             a = attend(q, k, v, rk, rv, table[groups]).float()
             b = attend_folded(q, k, v, rk, rv, qtable[groups], cols).float()
