@@ -47,6 +47,15 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+# One step's work for each form; the per-step gathers (bias rows, query columns) count.
+def dense_step(q, k, v, rk, rv, table, groups):
+    return attend(q, k, v, rk, rv, table[groups])
+
+
+def folded_step(q, k, v, rk, rv, qtable, groups, cols):
+    return attend_folded(q, k, v, rk, rv, qtable[groups], cols)
+
+
 def repeated(fn, inner: int, *args):
     """`fn(*args)` called `inner` times: one timed unit."""
     def run():
@@ -88,14 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             cols = folded_key_columns(length, masks, weights, head_dim=d, dtype=dtype,
                                       device=device)
             qtable = folded_query_table(n, head_dim=d, dtype=dtype, device=device)
-            # The per-step gathers (bias rows, query columns) are part of each form's cost.
-            dense = repeated(lambda *a: attend(*a[:5], a[5][a[6]]), args.inner,
-                             q, k, v, rk, rv, table, groups)
-            folded = repeated(lambda *a: attend_folded(*a[:5], a[5][a[6]], a[7]), args.inner,
-                              q, k, v, rk, rv, qtable, groups, cols)
+            dense = repeated(dense_step, args.inner, q, k, v, rk, rv, table, groups)
+            folded = repeated(folded_step, args.inner, q, k, v, rk, rv, qtable, groups, cols)
 
-            a = attend(q, k, v, rk, rv, table[groups]).float()
-            b = attend_folded(q, k, v, rk, rv, qtable[groups], cols).float()
+            a = dense_step(q, k, v, rk, rv, table, groups).float()
+            b = folded_step(q, k, v, rk, rv, qtable, groups, cols).float()
             err = float((a - b).norm() / a.norm())
             for name, fn in (("dense", dense), ("folded", folded)):
                 ms = timed(fn, device, args.repeats) / args.inner * 1e3
