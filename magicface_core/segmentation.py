@@ -52,7 +52,9 @@ def refine_by_self_attention(cross_map: torch.Tensor, q: torch.Tensor, k: torch.
         raise ValueError(f"self-attention of {q.shape[-2]} tokens does not match a cross "
                          f"map of {length} positions")
     pad = -tokens % 8  # fused kernels want the value width a multiple of 8
+    # Materialised per head (small): fused kernels may refuse a zero head stride.
     values = F.pad(cross_map.float(), (0, pad))[None, None].expand(1, q.shape[1], -1, -1)
+    values = values.contiguous()
     out = F.scaled_dot_product_attention(q.float(), k.float(), values, scale=scale)
     return out[0, :, :, :tokens].mean(dim=0)
 
