@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -129,12 +130,17 @@ class Stack:
     def submit(self, prompt, concepts, images, masks=(), params=None, headers=None):
         files = [("images", (Path(p).name, Path(p).read_bytes())) for p in images]
         files += [("masks", (Path(p).name, Path(p).read_bytes())) for p in masks]
-        import json
-
         data = {"prompt": prompt, "concepts": json.dumps(concepts)}
         if params is not None:
             data["params"] = json.dumps(params)
         return self.client.post("/v1/jobs", data=data, files=files, headers=headers or {})
+
+    def submit_job(self, job: dict, params=None, headers=None) -> dict:
+        """Submit a job spec (prompt, concepts, images, masks); the accepted job's view."""
+        r = self.submit(job["prompt"], job["concepts"], job["images"], job["masks"], params,
+                        headers)
+        assert r.status_code == 202, r.text
+        return r.json()
 
     def wait(self, job_id: str, statuses=("succeeded", "failed", "canceled"),
              timeout: float = 120, min_step: int | None = None) -> dict:

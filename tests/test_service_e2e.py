@@ -71,10 +71,8 @@ def test_two_concept_job_with_file_storage(file_stack, tmp_path):
 def test_cache_hit_gives_the_same_image(file_stack):
     file_stack.start_worker()
     job = paul_job(2)
-    first = file_stack.wait(file_stack.submit(job["prompt"], job["concepts"], job["images"],
-                                              job["masks"], SMALL).json()["id"])
-    second = file_stack.wait(file_stack.submit(job["prompt"], job["concepts"], job["images"],
-                                               job["masks"], SMALL).json()["id"])
+    first = file_stack.wait(file_stack.submit_job(job, SMALL)["id"])
+    second = file_stack.wait(file_stack.submit_job(job, SMALL)["id"])
     assert first["cache"] == {"hits": 0, "misses": 2}
     assert second["cache"] == {"hits": 2, "misses": 0}
     a = file_stack.client.get(first["result"]["image_url"]).content
@@ -93,10 +91,8 @@ def test_cache_hit_gives_the_same_image(file_stack):
 def test_cancel_queued_and_running_jobs(file_stack):
     file_stack.start_worker()
     job = paul_job(1)
-    running = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
-                                LONG).json()
-    queued = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
-                               SMALL).json()
+    running = file_stack.submit_job(job, LONG)
+    queued = file_stack.submit_job(job, SMALL)
     file_stack.wait(running["id"], statuses=("running",), min_step=1, timeout=60)
     view = file_stack.client.get(f"/v1/jobs/{queued['id']}").json()
     assert view["status"] == "queued" and view["queue_position"] == 0
@@ -122,10 +118,8 @@ def test_cancel_queued_and_running_jobs(file_stack):
 def test_killed_worker_fails_its_job_with_worker_lost(file_stack):
     worker = file_stack.start_worker()
     job = paul_job(1)
-    victim = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
-                               LONG).json()
-    waiting = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
-                                SMALL).json()
+    victim = file_stack.submit_job(job, LONG)
+    waiting = file_stack.submit_job(job, SMALL)
     file_stack.wait(victim["id"], statuses=("running",), min_step=1, timeout=60)
     file_stack.kill_worker(worker)
     killed_at = time.monotonic()
@@ -137,8 +131,7 @@ def test_killed_worker_fails_its_job_with_worker_lost(file_stack):
     # Nothing else is lost: the job queued behind it runs on the new worker, and so
     # does a new one.
     assert file_stack.wait(waiting["id"])["status"] == "succeeded"
-    nxt = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
-                            SMALL).json()
+    nxt = file_stack.submit_job(job, SMALL)
     assert file_stack.wait(nxt["id"])["status"] == "succeeded"
 
 
@@ -151,8 +144,7 @@ def test_two_concept_job_with_s3_storage(redis_db, redis_server, s3_endpoint, tm
         stack.start_gateway()
         stack.start_worker()
         job = paul_job(2)
-        view = stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"],
-                            SMALL).json()
+        view = stack.submit_job(job, SMALL)
         done = stack.wait(view["id"])
         assert done["status"] == "succeeded", (done, stack.log("worker0"))
         img = stack.client.get(done["result"]["image_url"])
