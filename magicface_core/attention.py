@@ -128,17 +128,23 @@ def rba_table(
     *,
     dtype: torch.dtype,
     device: torch.device,
+    rsa_row: bool = False,
 ) -> torch.Tensor:
     """(N+1, L + sum L_i): row g is the key bias of a query in group g. Row 0 sees
-    only the target's own keys; row i also concept i's keys, biased by B_i."""
+    only the target's own keys; row i also concept i's keys, biased by B_i.
+    `rsa_row` appends row N+1, RSA's bias (every concept visible), so one gather
+    serves RSA and RBA steps alike."""
     biases = reference_bias(ref_masks, weights, dtype=dtype, device=device)
     lengths = [b.numel() for b in biases]
     total = own_tokens + sum(lengths)
-    table = torch.full((len(biases) + 1, total), float("-inf"), dtype=dtype, device=device)
+    rows = len(biases) + (2 if rsa_row else 1)
+    table = torch.full((rows, total), float("-inf"), dtype=dtype, device=device)
     table[:, :own_tokens] = 0
     start = own_tokens
     for i, b in enumerate(biases):
         table[i + 1, start : start + b.numel()] = b
+        if rsa_row:
+            table[-1, start : start + b.numel()] = b
         start += b.numel()
     return table
 

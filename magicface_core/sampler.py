@@ -32,7 +32,6 @@ from .attention import (
     level_grid,
     masks_for_grid,
     rba_table,
-    rsa_bias,
 )
 from .ddim import ddim_coefficients, ddim_step
 from .guidance import region_adaptive_cfg
@@ -242,7 +241,7 @@ class FastSampler:
         """This call's masks and weights into the plan's bias buffers, per level: the
         folded key columns, or the dense table (rows 0..N: RBA groups; row N+1: RSA,
         every concept visible)."""
-        io, n = plan.io, len(refs)
+        io = plan.io
         weights = [r.weight for r in refs]
         for grid in plan.levels:
             masks = masks_for_grid([r.mask for r in refs], grid, device)
@@ -253,9 +252,8 @@ class FastSampler:
                         io["k_cols"][key].copy_(folded_key_columns(
                             lq, masks, weights, head_dim=key[1], dtype=dtype, device=device))
                 continue
-            table = io["bias_table"][grid]
-            table[: n + 1].copy_(rba_table(lq, masks, weights, dtype=dtype, device=device))
-            table[n + 1].copy_(rsa_bias(lq, masks, weights, dtype=dtype, device=device))
+            io["bias_table"][grid].copy_(rba_table(lq, masks, weights, dtype=dtype,
+                                                   device=device, rsa_row=True))
 
     # -- plans and steps --------------------------------------------------------------
     def _plan(self, sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,

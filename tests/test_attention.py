@@ -18,7 +18,9 @@ from magicface_core.attention import (
     folded_query_table,
     grid_for_tokens,
     rba,
+    rba_table,
     rsa,
+    rsa_bias,
 )
 
 
@@ -183,6 +185,15 @@ def test_folded_bias_in_fp16_stays_finite_and_close(d):
     rsa_rows = groups == 4
     want[:, :, rsa_rows] = eq2(q[:, :, rsa_rows], k, v, rk, rv, m, [20.0, 3.0, 0.5])
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_rsa_row_of_the_bias_table_is_rsas_bias():
+    _, _, _, _, _, m, w = make(19, L=10, n=3)
+    kw = dict(dtype=torch.float32, device=torch.device("cpu"))
+    table = rba_table(10, m, w, rsa_row=True, **kw)
+    assert table.shape == (5, 40)
+    torch.testing.assert_close(table[:4], rba_table(10, m, w, **kw))
+    torch.testing.assert_close(table[4], rsa_bias(10, m, w, **kw))
 
 
 def test_fold_width_pads_to_a_multiple_of_eight():
