@@ -81,7 +81,8 @@ class _Plan:
     state: AttentionState | None
     target_rows: int
     levels: list[tuple[int, int]]  # grids holding modified layers
-    folded: list[tuple[tuple[int, int], int]] = field(default_factory=list)  # (grid, head dim)
+    # Folded bias: grid -> head dims of its modified layers (empty: the dense bias).
+    folded: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     graph: Any = None
     # The K/V tensors the captured graph writes for the riding references.
     graph_capture: dict = field(default_factory=dict)
@@ -247,10 +248,9 @@ class FastSampler:
             masks = masks_for_grid([r.mask for r in refs], grid, device)
             lq = grid[0] * grid[1]
             if plan.folded:
-                for key in plan.folded:
-                    if key[0] == grid:
-                        io["k_cols"][key].copy_(folded_key_columns(
-                            lq, masks, weights, head_dim=key[1], dtype=dtype, device=device))
+                for d in plan.folded[grid]:
+                    io["k_cols"][grid, d].copy_(folded_key_columns(
+                        lq, masks, weights, head_dim=d, dtype=dtype, device=device))
                 continue
             io["bias_table"][grid].copy_(rba_table(lq, masks, weights, dtype=dtype,
                                                    device=device, rsa_row=True))
@@ -279,8 +279,8 @@ class FastSampler:
             levels, fold = all_levels, False
         else:
             levels = [all_levels[lv] for lv in sorted(by_level)]
-        folded = ([(all_levels[lv], d) for lv in sorted(by_level) for d in sorted(by_level[lv])]
-                  if fold else [])
+        folded = ({all_levels[lv]: sorted(by_level[lv]) for lv in sorted(by_level)}
+                  if fold else {})
         state = None
         if n:
             ref_rows: list[int | None] = [None] * n
@@ -293,12 +293,14 @@ class FastSampler:
             state.defer_self_maps = True
             io["is_rsa"] = torch.zeros((), dtype=torch.bool, device=device)
             io["bias_table"], io["q_table"], io["k_cols"] = {}, {}, {}
-            for grid, d in folded:
+            for grid, dims in folded.items():
                 lq = grid[0] * grid[1]
-                io["q_table"][grid, d] = folded_query_table(n, head_dim=d, dtype=dtype,
-                                                            device=device)
-                io["k_cols"][grid, d] = torch.zeros(
-                    lq * (n + 1), io["q_table"][grid, d].shape[-1], dtype=dtype, device=device)
+                for d in dims:
+                    io["q_table"][grid, d] = folded_query_table(n, head_dim=d, dtype=dtype,
+                                                                device=device)
+                    io["k_cols"][grid, d] = torch.zeros(
+                        lq * (n + 1), io["q_table"][grid, d].shape[-1], dtype=dtype,
+                        device=device)
             for grid in ([] if folded else levels):
                 lq = grid[0] * grid[1]
                 io["bias_table"][grid] = torch.zeros(n + 2, lq * (n + 1), dtype=dtype,
@@ -368,9 +370,9 @@ class FastSampler:
             for grid in plan.levels:
                 groups = torch.where(io["is_rsa"], n + 1, groups_for_grid(io["labels"], grid))
                 if plan.folded:
-                    for key in plan.folded:
-                        if key[0] == grid:
-                            st.folded[key] = (io["q_table"][key][groups], io["k_cols"][key])
+                    for d in plan.folded[grid]:
+                        st.folded[grid, d] = (io["q_table"][grid, d][groups],
+                                              io["k_cols"][grid, d])
                 else:
                     st.bias[grid] = io["bias_table"][grid][groups]
         x = io["latents"]
