@@ -6,11 +6,15 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 importlib_metadata
-# RUN=4 runs the second round (fused projections + tuned inductor) instead.
+# One process, ~8 min on an H100 (budget-gated at 480 s): the attention call alone; the
+# graph loop with both bias forms (N=1..3, cached and not); output and sync checks; the
+# authors' pattern (N=2); inductor+graph vanilla and N=2 folded, then the same with fused
+# Q/K/V projections; an eager kernel profile of N=2 last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
+export PYTHONUNBUFFERED=1
 if ! python3 -c "import diffusers" 2>/dev/null; then
     ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/ wheels carried: see the header" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -19,12 +23,6 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 benchmarks/attention_bench.py --out "$out/attn.json" 2>&1 | tee "$out/attn.log"
-if [ "${RUN:-3}" = 4 ]; then
-    python3 benchmarks/gpu_bench.py --inductor --inductor-n 2 --inductor-bias folded \
-        --bias folded --fuse-qkv --inductor-options tuned --no-eager --no-diffusers \
-        --authors-n '' --out "$out/run4.json" 2>&1 | tee "$out/run4.log"
-else
-    python3 benchmarks/gpu_bench.py --inductor --inductor-n 2 --inductor-bias folded \
-        --no-eager --no-diffusers --authors-n 2 --profile \
-        --out "$out/run3.json" 2>&1 | tee "$out/run3.log"
-fi
+python3 benchmarks/gpu_bench.py --no-eager --no-diffusers --bias dense,folded \
+    --authors-n 2 --inductor --inductor-n 2 --inductor-bias folded --inductor-fuse-qkv \
+    --profile --budget-s 480 --out "$out/run3.json" 2>&1 | tee "$out/run3.log"

@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                         "one compile per plan")
     p.add_argument("--fuse-qkv", action="store_true",
                    help="fused Q/K/V projections for the whole run (vanilla cases too)")
+    p.add_argument("--inductor-fuse-qkv", action="store_true",
+                   help="after the inductor cases, fuse the Q/K/V projections and time "
+                        "them again (vanilla too), named '... (inductor+graph, fused qkv)'")
+    p.add_argument("--fused-bias", default=None,
+                   help="bias forms for the fused-qkv inductor cases (default: the last "
+                        "of --inductor-bias)")
     p.add_argument("--inductor-options", choices=("none", "tuned"), default="none",
                    help="'tuned': inductor options instead of mode 'default' (1x1 convs as "
                         "matmuls, coordinate-descent tuning; longer compiles)")
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     biases = _bias_list(args.bias)
     inductor_biases = biases if args.inductor_bias is None else _bias_list(args.inductor_bias)
+    fused_biases = (inductor_biases[-1:] if args.fused_bias is None
+                    else _bias_list(args.fused_bias))
 
     start = time.perf_counter()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -211,6 +219,21 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
 
+    def attempt(name: str, fn, repeats: int, warmup: int) -> bool:
+        """Time one case; a failure is recorded and the run goes on (one broken case
+        must not cost the rest of a device run)."""
+        try:
+            record(name, measure(fn, device, repeats, warmup))
+            return True
+        except Exception as e:  # noqa: BLE001 - reported in the result, not raised
+            if device.type != "cuda":
+                raise  # CPU smoke runs must fail loudly
+            result["cases"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"{name:<42} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            pipe.kv_cache = None
+            fresh()
+            return False
+
     def over_budget() -> bool:
         return time.perf_counter() - start > args.budget_s
 
@@ -223,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if graphs and device.type != "cuda":
             break
         fresh()
-        record(f"ours vanilla ({tag})",
-               measure(lambda: pipe.generate(PROMPT, [], cfg), device, rep, warm))
+        attempt(f"ours vanilla ({tag})", lambda: pipe.generate(PROMPT, [], cfg), rep, warm)
         # The eager loop is launch-bound: it times the first form only (keeps the
         # default run near the 5-minute mark).
         for bias in (biases if graphs else biases[:1]):
@@ -233,62 +255,22 @@ def main(argv: list[str] | None = None) -> int:
                 concepts = references(n)
                 pipe.kv_cache = None
                 fresh()
-                record(case(f"magicface N={n} uncached", tag, bias),
-                       measure(lambda c=concepts: pipe.generate(PROMPT, c, cfg), device, rep,
-                               warm))
+                attempt(case(f"magicface N={n} uncached", tag, bias),
+                        lambda c=concepts: pipe.generate(PROMPT, c, cfg), rep, warm)
                 pipe.enable_kv_cache()
                 fresh()
-                record(case(f"magicface N={n} cached", tag, bias),
-                       measure(lambda c=concepts: pipe.generate(PROMPT, c, cfg), device, rep,
-                               max(warm, 1)))
+                attempt(case(f"magicface N={n} cached", tag, bias),
+                        lambda c=concepts: pipe.generate(PROMPT, c, cfg), rep, max(warm, 1))
                 pipe.kv_cache = None
         pipe.fold_attention_bias = False
 
     # The CUDA-graph loop computes what the eager loop computes, and the folded bias
-    # what the dense bias computes (up to fp16 rounding of w*sqrt(d)).
+    # what the dense bias computes (up to fp16 rounding of w*sqrt(d)); no host-device
+    # sync inside the step loop.
     if device.type == "cuda":
-        concepts = references(2)
-        outs = {}
-        for graphs, fold in ((False, False), (True, False), (True, True)):
-            pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
-            fresh()
-            outs[graphs, fold] = pipe.generate(PROMPT, concepts, cfg).latents.float()
-        pipe.fold_attention_bias = False
-
-        def rel(a, b) -> float:
-            return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-        result["graph_vs_eager_rel_err"] = rel(outs[True, False], outs[False, False])
-        result["folded_vs_dense_rel_err"] = rel(outs[True, True], outs[True, False])
-        result["latents_finite"] = all(bool(torch.isfinite(o).all()) for o in outs.values())
-        print(f"graph vs eager relative error {result['graph_vs_eager_rel_err']:.2e}, "
-              f"folded vs dense {result['folded_vs_dense_rel_err']:.2e}, finite "
-              f"{result['latents_finite']}", flush=True)
-
-    # No host-device sync inside the step loop (warm plans: graphs already captured).
-    if device.type == "cuda":
-        checks = {}
-        for graphs, fold in ((True, False), (False, False), (False, True)):
-            pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
-            label = ("graph" if graphs else "eager") + (" [folded]" if fold else "")
-            pipe.generate(PROMPT, references(2), cfg)
-            pipe._fast.check_syncs = True
-            try:
-                pipe.generate(PROMPT, references(2), cfg)
-                checks[label] = "no sync in the step loop"
-            except RuntimeError as e:
-                checks[label] = f"sync found: {e}"[:300]
-            finally:
-                pipe._fast.check_syncs = False
-                torch.cuda.set_sync_debug_mode(0)
-        pipe.fold_attention_bias = False
-        result["sync_check"] = checks
-        print("sync check:", checks, flush=True)
+        guarded(result, "output_check", lambda: output_check(pipe, cfg, fresh, result))
+        guarded(result, "sync_check", lambda: sync_check(pipe, cfg, result))
     pipe.use_cuda_graphs = True
-    if args.profile:
-        result["profiles"] = profile_cases(pipe, device, cfg, biases)
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2))
 
     # The authors' compute pattern: fp32, explicit attention, batch 2(1+N).
     a_rep = args.authors_repeats
@@ -300,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         concepts = references(n)
         refs = pipe32.prepare_references(concepts, cfg)
         tokens = pipe32.concept_tokens(PROMPT, concepts)
-        record(f"authors' pattern N={n} (fp32, explicit)",
-               measure(lambda r=refs, t=tokens: run_authors_pattern(pipe32, PROMPT, r, t, cfg),
-                       device, a_rep, 1))
+        attempt(f"authors' pattern N={n} (fp32, explicit)",
+                lambda r=refs, t=tokens: run_authors_pattern(pipe32, PROMPT, r, t, cfg),
+                a_rep, 1)
     pipe.to(dtype=dtype)
     pipe._fast.plans.clear()
 
@@ -320,47 +302,120 @@ def main(argv: list[str] | None = None) -> int:
            width=size, generator=torch.Generator("cpu").manual_seed(1))
 
     if not args.no_diffusers:
-        record("diffusers SD1.5 (eager)", measure(run_sd, device, rep, warm))
+        attempt("diffusers SD1.5 (eager)", run_sd, rep, warm)
     if (device.type == "cuda" and not args.no_diffusers and not args.no_diffusers_compile
             and not over_budget()):
         unet = sd.unet
         sd.unet = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
-        record("diffusers SD1.5 (compiled, reduce-overhead)",
-               measure(run_sd, device, rep, max(warm, 2)))
+        attempt("diffusers SD1.5 (compiled, reduce-overhead)", run_sd, rep, max(warm, 2))
         sd.unet = unet
     if args.inductor:
-        # One compile per plan shape (~1 min each on an H100 host): leave room for it.
-        if args.inductor_options == "tuned":
-            pipe.enable_compile(options=TUNED_INDUCTOR)
-        else:
-            pipe.enable_compile("default")
-        pipe.use_cuda_graphs = True
-        cases = [("ours vanilla (inductor+graph)", [], False, "dense")]
-        for bias in inductor_biases:
-            for n in [int(x) for x in args.inductor_n.split(",") if x.strip()]:
-                cases += [(case(f"magicface N={n} uncached", "inductor+graph", bias),
-                           references(n), False, bias),
-                          (case(f"magicface N={n} cached", "inductor+graph", bias),
-                           references(n), True, bias)]
-        for name, cs, cached, bias in cases:
-            if time.perf_counter() - start > args.budget_s - 90:
-                print(f"skipping {name}: over budget", flush=True)
-                continue
+        # Every plan shape and bias form is a recompile of the same UNet code: keep
+        # dynamo from falling back to eager after its default limit of 8.
+        for attr in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, attr):
+                setattr(torch._dynamo.config, attr, 64)
+        sections = [("inductor+graph", inductor_biases)]
+        if args.inductor_fuse_qkv and not args.fuse_qkv:
+            sections.append(("inductor+graph, fused qkv", fused_biases))
+        for tag, forms in sections:
+            if "fused" in tag:
+                torch._dynamo.reset()
+                pipe.fuse_qkv_projections()
+            # One compile per plan shape (~30 s each on an H100 host): leave room.
+            if args.inductor_options == "tuned":
+                pipe.enable_compile(options=TUNED_INDUCTOR)
+            else:
+                pipe.enable_compile("default")
+            pipe.use_cuda_graphs = True
+            cases = [(f"ours vanilla ({tag})", [], False, "dense")]
+            for bias in forms:
+                for n in [int(x) for x in args.inductor_n.split(",") if x.strip()]:
+                    cases += [(case(f"magicface N={n} uncached", tag, bias),
+                               references(n), False, bias),
+                              (case(f"magicface N={n} cached", tag, bias),
+                               references(n), True, bias)]
+            for name, cs, cached, bias in cases:
+                if time.perf_counter() - start > args.budget_s - 60:
+                    print(f"skipping {name}: over budget", flush=True)
+                    continue
+                pipe.kv_cache = None
+                if cached:
+                    pipe.enable_kv_cache()
+                pipe.fold_attention_bias = bias == "folded"
+                fresh()
+                if attempt(name, lambda c=cs: pipe.generate(PROMPT, c, cfg), rep, 2):
+                    result["cases"][name]["inductor_active"] = pipe._fast.compiled
             pipe.kv_cache = None
-            if cached:
-                pipe.enable_kv_cache()
-            pipe.fold_attention_bias = bias == "folded"
-            fresh()
-            record(name, measure(lambda c=cs: pipe.generate(PROMPT, c, cfg), device, rep, 2))
-            result["cases"][name]["inductor_active"] = pipe._fast.compiled
-        pipe.kv_cache = None
-        pipe.fold_attention_bias = False
+            pipe.fold_attention_bias = False
+        # The profile below reads the eager kernels (of the fused projections, if the
+        # fused section ran).
+        pipe._fast.unet_call, pipe._fast.compiled = pipe.unet, False
+        result["profile_fused_qkv"] = len(sections) > 1 or args.fuse_qkv
+
+    if args.profile and not over_budget():
+        guarded(result, "profiles",
+                lambda: result.__setitem__("profiles",
+                                           profile_cases(pipe, device, cfg, biases)))
 
     summarize(result)
     result["wall_s"] = time.perf_counter() - start
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def guarded(result: dict, label: str, fn) -> None:
+    """Run one check; on a GPU a failure is written into the result instead of ending
+    the run."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported in the result
+        if not torch.cuda.is_available():
+            raise
+        result.setdefault("errors", {})[label] = f"{type(e).__name__}: {e}"[:500]
+        print(f"{label} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def output_check(pipe, cfg: GenerationConfig, fresh, result: dict) -> None:
+    concepts = references(2)
+    outs = {}
+    for graphs, fold in ((False, False), (True, False), (True, True)):
+        pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
+        fresh()
+        outs[graphs, fold] = pipe.generate(PROMPT, concepts, cfg).latents.float()
+    pipe.fold_attention_bias = False
+
+    def rel(a, b) -> float:
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+    result["graph_vs_eager_rel_err"] = rel(outs[True, False], outs[False, False])
+    result["folded_vs_dense_rel_err"] = rel(outs[True, True], outs[True, False])
+    result["latents_finite"] = all(bool(torch.isfinite(o).all()) for o in outs.values())
+    print(f"graph vs eager relative error {result['graph_vs_eager_rel_err']:.2e}, "
+          f"folded vs dense {result['folded_vs_dense_rel_err']:.2e}, finite "
+          f"{result['latents_finite']}", flush=True)
+
+
+def sync_check(pipe, cfg: GenerationConfig, result: dict) -> None:
+    """No host-device sync inside the step loop (warm plans: graphs already captured)."""
+    checks = {}
+    for graphs, fold in ((True, False), (True, True), (False, False), (False, True)):
+        pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
+        label = ("graph" if graphs else "eager") + (" [folded]" if fold else "")
+        pipe.generate(PROMPT, references(2), cfg)
+        pipe._fast.check_syncs = True
+        try:
+            pipe.generate(PROMPT, references(2), cfg)
+            checks[label] = "no sync in the step loop"
+        except RuntimeError as e:
+            checks[label] = f"sync found: {e}"[:300]
+        finally:
+            pipe._fast.check_syncs = False
+            torch.cuda.set_sync_debug_mode(0)
+    pipe.fold_attention_bias = False
+    result["sync_check"] = checks
+    print("sync check:", checks, flush=True)
 
 
 def profile_cases(pipe, device: torch.device, cfg: GenerationConfig,
@@ -424,7 +479,7 @@ def summarize(result: dict) -> None:
     c = {k: v["median_s"] for k, v in result["cases"].items()}
     authors = c.get("authors' pattern N=2 (fp32, explicit)")
     s: dict = {}
-    for tag in ("eager", "graph", "inductor+graph"):
+    for tag in ("eager", "graph", "inductor+graph", "inductor+graph, fused qkv"):
         van = c.get(f"ours vanilla ({tag})")
         vpeak = result["cases"].get(f"ours vanilla ({tag})", {}).get("peak_gib")
         for bias in ("dense", "folded"):
