@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the next GPU benchmark round (see benchmarks/README.md):
 #   run(command="bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=600)
+#   run(command="ROUND=probe bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=220)
 # The device machine has torch but not diffusers and no internet: fetch the wheels here
 # first (they go to the git-ignored .whl/):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -22,6 +23,17 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [ "${ROUND:-}" = probe ]; then
+    # ~3.5 min: folded head-dim padding at both levels; fold only 64x64 (folded:4096)
+    # against dense and fold-everywhere in the graph loop; inductor with folded:4096.
+    python3 benchmarks/attention_bench.py --concepts 2 --fold-multiples 8,16,32 \
+        --repeats 10 --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log"
+    python3 benchmarks/gpu_bench.py --no-eager --no-diffusers --no-checks --authors-n '' \
+        --n 2 --bias dense,folded,folded:4096 --inductor --inductor-n 2 \
+        --inductor-bias folded:4096 --budget-s 190 --out "$out/probe.json" 2>&1 \
+        | tee "$out/probe.log"
+    exit
+fi
 python3 benchmarks/attention_bench.py --out "$out/attn.json" 2>&1 | tee "$out/attn.log"
 python3 benchmarks/gpu_bench.py --no-eager --no-diffusers --bias dense,folded \
     --authors-n 2 --inductor --inductor-n 2 --inductor-bias folded --inductor-fuse-qkv \

@@ -111,6 +111,18 @@ class MagicFacePipeline:
     def fold_attention_bias(self, enabled: bool) -> None:
         self._fast.fold_bias = bool(enabled)
 
+    @property
+    def fold_min_tokens(self) -> int:
+        """With `fold_attention_bias`: fold only levels of at least this many query
+        tokens (h*w); coarser levels keep the dense bias. 0 folds every level."""
+        return self._fast.fold_min_tokens
+
+    @fold_min_tokens.setter
+    def fold_min_tokens(self, tokens: int) -> None:
+        if int(tokens) < 0:
+            raise ValueError(f"fold_min_tokens must be >= 0, got {tokens}")
+        self._fast.fold_min_tokens = int(tokens)
+
     # -- construction -----------------------------------------------------------------
     @classmethod
     def from_components(cls, c: Components, model_name: str = "custom") -> MagicFacePipeline:

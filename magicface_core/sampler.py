@@ -81,7 +81,8 @@ class _Plan:
     state: AttentionState | None
     target_rows: int
     levels: list[tuple[int, int]]  # grids holding modified layers
-    # Folded bias: grid -> head dims of its modified layers (empty: the dense bias).
+    # Folded bias: grid -> head dims of its modified layers; grids not in it (all, when
+    # empty) use the dense bias.
     folded: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     graph: Any = None
     # The K/V tensors the captured graph writes for the riding references.
@@ -102,6 +103,9 @@ class FastSampler:
         # Fold RSA/RBA's bias into extra head dims (mask-free SDPA) instead of passing a
         # dense (Lq x Lk) bias. Off by default until measured faster on a GPU.
         self.fold_bias = False
+        # Fold only levels with at least this many query tokens; coarser levels keep the
+        # dense bias (there the bias is small and the wider head dim can cost more).
+        self.fold_min_tokens = 0
 
     # -- compile ----------------------------------------------------------------------
     def enable_compile(self, mode: str = "default", options: dict | None = None) -> None:
@@ -177,7 +181,7 @@ class FastSampler:
         sig = (latent_hw, t_rows, tuple(riding), tuple(cached), n, map_hw,
                config.reference_layers, dtype, str(device), config.region_guidance,
                config.region_guidance_min, config.region_guidance_max, prediction_type,
-               use_graphs, self.compiled, embeds.shape, fold)
+               use_graphs, self.compiled, embeds.shape, fold, self.fold_min_tokens)
         plan = self._plan(sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
                           dtype, config.reference_layers, fold)
         io, st = plan.io, plan.state
@@ -247,7 +251,7 @@ class FastSampler:
         for grid in plan.levels:
             masks = masks_for_grid([r.mask for r in refs], grid, device)
             lq = grid[0] * grid[1]
-            if plan.folded:
+            if grid in plan.folded:
                 for d in plan.folded[grid]:
                     io["k_cols"][grid, d].copy_(folded_key_columns(
                         lq, masks, weights, head_dim=d, dtype=dtype, device=device))
@@ -279,8 +283,9 @@ class FastSampler:
             levels, fold = all_levels, False
         else:
             levels = [all_levels[lv] for lv in sorted(by_level)]
-        folded = ({all_levels[lv]: sorted(by_level[lv]) for lv in sorted(by_level)}
-                  if fold else {})
+        folded = {} if not fold else {
+            all_levels[lv]: sorted(by_level[lv]) for lv in sorted(by_level)
+            if all_levels[lv][0] * all_levels[lv][1] >= self.fold_min_tokens}
         state = None
         if n:
             ref_rows: list[int | None] = [None] * n
@@ -301,7 +306,7 @@ class FastSampler:
                     io["k_cols"][grid, d] = torch.zeros(
                         lq * (n + 1), io["q_table"][grid, d].shape[-1], dtype=dtype,
                         device=device)
-            for grid in ([] if folded else levels):
+            for grid in (g for g in levels if g not in folded):
                 lq = grid[0] * grid[1]
                 io["bias_table"][grid] = torch.zeros(n + 2, lq * (n + 1), dtype=dtype,
                                                      device=device)
@@ -369,7 +374,7 @@ class FastSampler:
             n = st.n_concepts
             for grid in plan.levels:
                 groups = torch.where(io["is_rsa"], n + 1, groups_for_grid(io["labels"], grid))
-                if plan.folded:
+                if grid in plan.folded:
                     for d in plan.folded[grid]:
                         st.folded[grid, d] = (io["q_table"][grid, d][groups],
                                               io["k_cols"][grid, d])

@@ -53,6 +53,27 @@ def test_folded_bias_fast_path_matches_reference_loop(pipe, name, limit, alpha, 
         assert (a != b).float().mean() <= 0.05
 
 
+def test_folding_only_the_fine_levels_matches_reference_loop(pipe):
+    prompt, concepts = example_concepts("Paul", 2)
+    cfg = GenerationConfig(steps=4, height=128, width=128, seed=3, alpha=0.5)
+    slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
+    pipe.fold_attention_bias, pipe.fold_min_tokens = True, 16 * 16
+    try:
+        fast = pipe.generate(prompt, concepts, cfg)
+        plan = next(reversed(pipe._fast.plans.values()))
+    finally:
+        pipe.fold_attention_bias, pipe.fold_min_tokens = False, 0
+    # 128x128 pixels: a 16x16 latent. Only that level folds; the coarser one is dense.
+    assert set(plan.folded) == {(16, 16)}
+    assert set(plan.io["bias_table"]) == set(plan.levels) - {(16, 16)} != set()
+    torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
+
+
+def test_fold_min_tokens_rejects_negative(pipe):
+    with pytest.raises(ValueError, match="fold_min_tokens"):
+        pipe.fold_min_tokens = -1
+
+
 def test_folded_bias_falls_back_for_weights_it_cannot_carry(pipe):
     prompt, concepts = example_concepts("Paul", 1)
     concepts = [Concept(image=c.image, word=c.word, mask=c.mask, weight=500.0)
