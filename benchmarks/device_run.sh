@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # One device call for the next GPU benchmark round (see benchmarks/README.md):
-#   run(command="bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=600)
-#   run(command="ROUND=probe bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=220)
+#   run(command="bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=420)
 # The device machine has torch but not diffusers and no internet: fetch the wheels here
 # first (they go to the git-ignored .whl/):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 importlib_metadata
-# One process, ~8 min on an H100 (budget-gated at 480 s): the attention call alone; the
-# graph loop with both bias forms (N=1..3, cached and not); output and sync checks; the
-# authors' pattern (N=2); inductor+graph vanilla and N=2 folded, then the same with fused
-# Q/K/V projections; an eager kernel profile of N=2 last.
+# Rounds (ROUND=...):
+#   5 (default, ~5 min, not yet run): the graph loop's default layout against
+#     channels-last weights + cudnn.benchmark (vanilla, N=2 folded), then inductor N=2
+#     with fused Q/K/V (the cached case run 3 cut);
+#   3 (run 3, ~10 min: it hit a 590 s call limit in the closing profile): attention call;
+#     graph loop dense and folded, N=1..3; checks; authors' N=2; inductor folded N=2,
+#     then with fused Q/K/V; eager profile;
+#   probe (run 4, ~3.5 min): head-dim padding; folded:4096; inductor N=2 cached.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -23,18 +26,29 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-if [ "${ROUND:-}" = probe ]; then
-    # ~3.5 min: folded head-dim padding at both levels; fold only 64x64 (folded:4096)
-    # against dense and fold-everywhere in the graph loop; inductor with folded:4096.
+case "${ROUND:-5}" in
+probe)
     python3 benchmarks/attention_bench.py --concepts 2 --fold-multiples 8,16,32 \
         --repeats 10 --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log"
     python3 benchmarks/gpu_bench.py --no-eager --no-diffusers --no-checks --authors-n '' \
         --n 2 --bias dense,folded,folded:4096 --inductor --inductor-n 2 \
         --inductor-bias folded:4096 --budget-s 190 --out "$out/probe.json" 2>&1 \
         | tee "$out/probe.log"
-    exit
-fi
-python3 benchmarks/attention_bench.py --out "$out/attn.json" 2>&1 | tee "$out/attn.log"
-python3 benchmarks/gpu_bench.py --no-eager --no-diffusers --bias dense,folded \
-    --authors-n 2 --inductor --inductor-n 2 --inductor-bias folded --inductor-fuse-qkv \
-    --profile --budget-s 480 --out "$out/run3.json" 2>&1 | tee "$out/run3.log"
+    ;;
+3)
+    python3 benchmarks/attention_bench.py --out "$out/attn.json" 2>&1 | tee "$out/attn.log"
+    python3 benchmarks/gpu_bench.py --no-eager --no-diffusers --bias dense,folded \
+        --authors-n 2 --inductor --inductor-n 2 --inductor-bias folded --inductor-fuse-qkv \
+        --profile --budget-s 480 --out "$out/run3.json" 2>&1 | tee "$out/run3.log"
+    ;;
+*)
+    common=(--no-eager --no-diffusers --no-checks --authors-n '' --n 2 --bias folded)
+    python3 benchmarks/gpu_bench.py "${common[@]}" --out "$out/run5_layout.json" 2>&1 \
+        | tee "$out/run5_layout.log"
+    python3 benchmarks/gpu_bench.py "${common[@]}" --channels-last --cudnn-benchmark \
+        --out "$out/run5_channels_last.json" 2>&1 | tee "$out/run5_channels_last.log"
+    python3 benchmarks/gpu_bench.py "${common[@]}" --n '' --fuse-qkv --inductor \
+        --inductor-n 2 --inductor-bias folded --budget-s 240 \
+        --out "$out/run5_fused_inductor.json" 2>&1 | tee "$out/run5_fused_inductor.log"
+    ;;
+esac

@@ -216,14 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def save() -> None:
+        # After every case: a run cut off by its time limit keeps what it measured.
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+
     def record(name: str, stats: dict) -> None:
         result["cases"][name] = stats
         print(f"{name:<42} {stats.get('median_s', float('nan')):8.3f} s"
               + (f"  peak {stats['peak_gib']:.2f} GiB" if "peak_gib" in stats else ""),
               flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2))
+        save()
 
     def attempt(name: str, fn, repeats: int, warmup: int) -> bool:
         """Time one case; a failure is recorded and the run goes on (one broken case
@@ -353,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 fresh()
                 if attempt(name, lambda c=cs: pipe.generate(PROMPT, c, cfg), rep, 2):
                     result["cases"][name]["inductor_active"] = pipe._fast.compiled
+                    save()
             pipe.kv_cache = None
             pipe.fold_attention_bias = False
         # The profile below reads the eager kernels (of the fused projections, if the
@@ -361,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         result["profile_fused_qkv"] = len(sections) > 1 or args.fuse_qkv
 
     if args.profile and not over_budget():
+        result["profiles"] = {}
         guarded(result, "profiles",
-                lambda: result.__setitem__("profiles",
-                                           profile_cases(pipe, device, cfg, biases)))
+                lambda: profile_cases(pipe, device, cfg, biases, result["profiles"], save))
 
     summarize(result)
     result["wall_s"] = time.perf_counter() - start
@@ -425,8 +430,8 @@ def sync_check(pipe, cfg: GenerationConfig, result: dict) -> None:
     print("sync check:", checks, flush=True)
 
 
-def profile_cases(pipe, device: torch.device, cfg: GenerationConfig,
-                  biases: list[str], top: int = 25) -> dict:
+def profile_cases(pipe, device: torch.device, cfg: GenerationConfig, biases: list[str],
+                  out: dict, save, top: int = 25) -> None:
     """Where one eager N=2 run spends its time: the top kernels by self device time (ops
     by self CPU time on a CPU run), per bias form, uncached and cached. Eager, so every
     kernel is seen."""
@@ -436,8 +441,8 @@ def profile_cases(pipe, device: torch.device, cfg: GenerationConfig,
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # Self time: kernels on a GPU (an aten op's kernels are its children), ops on a CPU.
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    out: dict = {}
     graphs, fold = pipe.use_cuda_graphs, pipe.fold_attention_bias
+    min_tokens = pipe.fold_min_tokens
     pipe.use_cuda_graphs = False
     try:
         for bias in biases:
@@ -457,14 +462,15 @@ def profile_cases(pipe, device: torch.device, cfg: GenerationConfig,
                 out[name] = {"total_us": total, "top": [
                     {"op": e.key, "us": getattr(e, key, 0.0), "count": e.count}
                     for e in rows]}
+                save()
                 print(f"profile {name}:", flush=True)
                 for e in rows[:12]:
                     print(f"  {getattr(e, key, 0.0) / 1e3:9.1f} ms  x{e.count:<6} {e.key[:90]}",
                           flush=True)
     finally:
         pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
+        pipe.fold_min_tokens = min_tokens
         pipe.kv_cache = None
-    return out
 
 
 def _bias_list(text: str) -> list[str]:

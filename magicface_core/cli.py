@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ca-scale", type=float, default=1.0)
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (slow first image; falls back to eager)")
-    g.add_argument("--fold-bias", action="store_true",
-                   help="carry the RSA/RBA bias in extra head dims (mask-free SDPA)")
+    g.add_argument("--fold-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="carry the RSA/RBA bias in extra head dims (mask-free SDPA); "
+                        "--no-fold-bias passes it as a dense SDPA mask")
     return p
 
 

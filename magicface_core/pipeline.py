@@ -104,7 +104,7 @@ class MagicFacePipeline:
     def fold_attention_bias(self) -> bool:
         """Fast path: carry RSA/RBA's bias in extra head dims so SDPA runs without a
         mask (flash-eligible, no dense (Lq x Lk) bias). Same output up to the rounding
-        of w*sqrt(d) to the model dtype. Off by default."""
+        of w*sqrt(d) to the model dtype. On by default (measured faster on an H100)."""
         return self._fast.fold_bias
 
     @fold_attention_bias.setter

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     kv_cache_host_bytes: int = 8 * 2**30
     reference_seed: int | None = None  # pin to share cached K/V across seeds
     torch_compile: bool = False  # inductor-compile the UNet (minutes of warm-up per shape)
-    fold_attention_bias: bool = False  # RSA/RBA bias in extra head dims (mask-free SDPA)
+    fold_attention_bias: bool = True  # RSA/RBA bias in extra head dims (mask-free SDPA)
     fuse_qkv_projections: bool = False  # one matmul for Q/K/V (diffusers' fused projections)
     sam_checkpoint: str | None = None
     worker_heartbeat_ttl_s: int = 10

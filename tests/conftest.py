@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +38,18 @@ def example_concepts(name: str, limit: int | None = None) -> tuple[str, list[Con
 @pytest.fixture(scope="session")
 def pipe() -> MagicFacePipeline:
     return MagicFacePipeline.tiny(seed=0)
+
+
+@contextmanager
+def bias_form(pipe: MagicFacePipeline, fold: bool, min_tokens: int = 0) -> Iterator[None]:
+    """The fast loop's RSA/RBA bias form for a block; the shared pipeline's setting is
+    restored after it."""
+    before = pipe.fold_attention_bias, pipe.fold_min_tokens
+    pipe.fold_attention_bias, pipe.fold_min_tokens = fold, min_tokens
+    try:
+        yield
+    finally:
+        pipe.fold_attention_bias, pipe.fold_min_tokens = before
 
 
 @pytest.fixture

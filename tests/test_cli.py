@@ -64,7 +64,7 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
 def test_cli_fold_bias_gives_the_same_image(tmp_path):
     paul = EXAMPLES / "Paul"
     outs = []
-    for extra in ([], ["--fold-bias"]):
+    for extra in ([], ["--no-fold-bias"]):
         out = tmp_path / f"out{len(extra)}.png"
         rc = main(["generate", "--tiny", "--prompt", "a man with a hat", "--steps", "3",
                    "--concept", f"man={paul / 'image/man.jpg'},mask={paul / 'mask/man.jpg'}",

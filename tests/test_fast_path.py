@@ -9,7 +9,7 @@ from magicface_core import Concept, GenerationConfig, MagicFacePipeline
 from magicface_core.ddim import ddim_coefficients, ddim_step
 from magicface_core.kv_cache import KVEntry, ReferenceKVCache
 
-from .conftest import example_concepts, mask_image, noise_image
+from .conftest import bias_form, example_concepts, mask_image, noise_image
 
 
 @pytest.mark.parametrize("name,limit,alpha,extra", [
@@ -20,9 +20,13 @@ from .conftest import example_concepts, mask_image, noise_image
     ("Paul", 2, 0.4, {"guidance_scale": 1.0}),
 ])
 def test_fast_path_matches_reference_loop(pipe, name, limit, alpha, extra):
+    # The dense bias form (the folded default has its own test below).
     prompt, concepts = example_concepts(name, limit)
     cfg = GenerationConfig(steps=6, height=128, width=128, seed=5, alpha=alpha, **extra)
-    fast = pipe.generate(prompt, concepts, cfg)
+    with bias_form(pipe, fold=False):
+        fast = pipe.generate(prompt, concepts, cfg)
+        plan = next(reversed(pipe._fast.plans.values()))
+    assert not plan.folded and plan.io["bias_table"]
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
     torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
     assert len(fast.semantic_maps) == len(slow.semantic_maps) == 6
@@ -40,12 +44,9 @@ def test_folded_bias_fast_path_matches_reference_loop(pipe, name, limit, alpha, 
     prompt, concepts = example_concepts(name, limit)
     cfg = GenerationConfig(steps=5, height=128, width=128, seed=9, alpha=alpha, **extra)
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
-    pipe.fold_attention_bias = True
-    try:
+    with bias_form(pipe, fold=True):
         fast = pipe.generate(prompt, concepts, cfg)
         plans = list(pipe._fast.plans.values())
-    finally:
-        pipe.fold_attention_bias = False
     # The folded plan really ran: query/key columns, no dense bias tables.
     assert plans[-1].folded and not plans[-1].io["bias_table"]
     torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
@@ -57,12 +58,9 @@ def test_folding_only_the_fine_levels_matches_reference_loop(pipe):
     prompt, concepts = example_concepts("Paul", 2)
     cfg = GenerationConfig(steps=4, height=128, width=128, seed=3, alpha=0.5)
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
-    pipe.fold_attention_bias, pipe.fold_min_tokens = True, 16 * 16
-    try:
+    with bias_form(pipe, fold=True, min_tokens=16 * 16):
         fast = pipe.generate(prompt, concepts, cfg)
         plan = next(reversed(pipe._fast.plans.values()))
-    finally:
-        pipe.fold_attention_bias, pipe.fold_min_tokens = False, 0
     # 128x128 pixels: a 16x16 latent. Only that level folds; the coarser one is dense.
     assert set(plan.folded) == {(16, 16)}
     assert set(plan.io["bias_table"]) == set(plan.levels) - {(16, 16)} != set()
@@ -79,12 +77,9 @@ def test_folded_bias_falls_back_for_weights_it_cannot_carry(pipe):
     concepts = [Concept(image=c.image, word=c.word, mask=c.mask, weight=500.0)
                 for c in concepts]
     cfg = GenerationConfig(steps=2, height=64, width=64, seed=1)
-    pipe.fold_attention_bias = True
-    try:
+    with bias_form(pipe, fold=True):
         fast = pipe.generate(prompt, concepts, cfg)
         plan = next(reversed(pipe._fast.plans.values()))
-    finally:
-        pipe.fold_attention_bias = False
     assert not plan.folded and plan.io["bias_table"]
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
     torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
@@ -180,11 +175,12 @@ def test_compiled_path_equals_eager():
     compiled = pipe.generate(prompt, concepts, cfg)
     assert pipe._fast.compiled, "torch.compile fell back to eager on CPU"
     torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-4, rtol=1e-3)
-    # The folded-bias attention compiles too (the GPU benchmark times it under inductor).
-    pipe.fold_attention_bias = True
-    folded = pipe.generate(prompt, concepts, cfg)
-    assert pipe._fast.compiled, "torch.compile of the folded path fell back to eager"
-    torch.testing.assert_close(folded.latents, eager.latents, atol=1e-4, rtol=1e-3)
+    # Both bias forms compile (the default is folded; the GPU benchmark times both).
+    assert pipe.fold_attention_bias
+    pipe.fold_attention_bias = False
+    dense = pipe.generate(prompt, concepts, cfg)
+    assert pipe._fast.compiled, "torch.compile of the dense-bias path fell back to eager"
+    torch.testing.assert_close(dense.latents, eager.latents, atol=1e-4, rtol=1e-3)
 
 
 def test_fused_qkv_projections_give_the_same_image():
