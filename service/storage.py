@@ -27,8 +27,12 @@ def input_key(job_id: str, kind: str, index: int) -> str:
     return f"jobs/{job_id}/input/{kind}_{index}"
 
 
+def output_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/output/"
+
+
 def output_key(job_id: str, name: str) -> str:
-    return f"jobs/{job_id}/output/{name}.png"
+    return f"{output_prefix(job_id)}{name}.png"
 
 
 class Storage:

@@ -11,7 +11,7 @@ from rq import Queue
 
 from service import jobs
 from service.settings import Settings
-from service.storage import LocalStorage, input_key, request_key
+from service.storage import LocalStorage, StorageError, input_key, request_key
 from worker import tasks
 from worker.worker import MagicFaceWorker
 
@@ -91,6 +91,28 @@ def test_missing_inputs_are_a_storage_error(runtime):
     run_burst(rt, queue)
     view = jobs.describe(job, queue)
     assert view["status"] == "failed" and view["error"]["code"] == "storage_error"
+
+
+class MapUploadFails(LocalStorage):
+    """Local storage whose semantic-map uploads fail (a storage outage mid-result)."""
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        if key.endswith("/semantic_map.png"):
+            raise StorageError("connection reset")
+        super().put(key, data, content_type)
+
+
+def test_a_failed_result_upload_leaves_no_partial_outputs(runtime, tmp_path):
+    rt, queue = runtime
+    rt.storage = MapUploadFails(tmp_path)
+    job = submit(rt.storage, queue)
+    run_burst(rt, queue)
+    view = jobs.describe(job, queue)
+    assert view["status"] == "failed" and view["error"]["code"] == "storage_error"
+    assert "connection reset" in view["error"]["message"]
+    # The image went up before the map failed; the failed job must not keep it.
+    assert not rt.storage.exists(f"jobs/{job.id}/output/image.png")
+    assert rt.storage.exists(input_key(job.id, "image", 0))
 
 
 def test_cancel_flag_set_before_start(runtime):

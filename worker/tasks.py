@@ -18,7 +18,14 @@ from rq import get_current_job
 
 from service import jobs, metrics
 from service.settings import Settings
-from service.storage import Storage, StorageError, input_key, output_key, request_key
+from service.storage import (
+    Storage,
+    StorageError,
+    input_key,
+    output_key,
+    output_prefix,
+    request_key,
+)
 
 log = logging.getLogger("magicface.worker")
 
@@ -120,6 +127,12 @@ def generate(job_id: str) -> dict:
             overlay = overlay_semantic_map(res.image, res.semantic_maps[-1])
             rt.storage.put(result["semantic_map"], _png(overlay), "image/png")
     except StorageError as e:
+        # A failed job leaves no outputs behind (the image may have gone up before
+        # the map failed). Best effort: storage may be the thing that is down.
+        try:
+            rt.storage.delete_prefix(output_prefix(job_id))
+        except StorageError:
+            log.warning("job %s: could not remove partial outputs", job_id)
         raise _fail(job, "storage_error", f"could not store the result: {e}") from None
 
     elapsed = time.monotonic() - started
