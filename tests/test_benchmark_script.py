@@ -53,18 +53,38 @@ def test_gpu_bench_folded_form_on_the_cpu(tmp_path):
     assert "eager [folded]" in result["summary"]
 
 
+def test_gpu_bench_folds_only_the_levels_asked_for(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--cpu", "--tiny",
+         "--repeats", "1", "--steps", "2", "--authors-n", "", "--no-diffusers", "--n", "2",
+         "--bias", "folded:256", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["cases"]) == {"ours vanilla (eager)",
+                                    "magicface N=2 uncached (eager) [folded:256]",
+                                    "magicface N=2 cached (eager) [folded:256]"}
+    assert "eager [folded:256]" in result["summary"]
+
+
 def test_gpu_bench_rejects_an_unknown_bias_form():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--cpu", "--tiny",
          "--bias", "sparse"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "unknown form" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--cpu", "--tiny",
+         "--bias", "folded:many"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "folded:many" in proc.stderr
 
 
 def test_attention_bench_cpu_smoke_run(tmp_path):
     out = tmp_path / "attn.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "attention_bench.py"), "--cpu",
-         "--repeats", "1", "--inner", "1", "--concepts", "1", "--out", str(out)],
+         "--repeats", "1", "--inner", "1", "--concepts", "1", "--fold-multiples", "8,32",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
@@ -72,3 +92,4 @@ def test_attention_bench_cpu_smoke_run(tmp_path):
         assert cases[f"{level} N=1 dense"] > 0 and cases[f"{level} N=1 folded"] > 0
         # The two bias forms compute the same attention (fp32 on the CPU).
         assert cases[f"{level} N=1 folded_vs_dense_rel_err"] < 1e-5
+        assert cases[f"{level} N=1 folded/m32"] > 0
