@@ -64,13 +64,18 @@ def repeated(fn, inner: int, *args):
     return run
 
 
+def int_list(text: str) -> list[int]:
+    """A comma list of integers ('' is none); the benchmarks' list options."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
-    p.add_argument("--concepts", default="1,2,3")
-    p.add_argument("--fold-multiples", default="8",
+    p.add_argument("--concepts", type=int_list, default="1,2,3")
+    p.add_argument("--fold-multiples", type=int_list, default="8",
                    help="folded head dim padded (zero columns) to a multiple of each of "
                         "these (comma list); 8 is the library's; others are named "
                         "'folded/mM'")
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_t = timed(repeated(F.scaled_dot_product_attention, args.inner, q, k, v), device,
                         args.repeats)
         result["cases"][f"{level} plain self-attention"] = plain_t / args.inner * 1e3
-        for n in [int(x) for x in args.concepts.split(",") if x.strip()]:
+        for n in args.concepts:
             rk = [rand(1, heads, length, d) for _ in range(n)]
             rv = [rand(1, heads, length, d) for _ in range(n)]
             masks = [(torch.rand(length, generator=g) < 0.3).to(device) for _ in range(n)]
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             qtable = folded_query_table(n, head_dim=d, dtype=dtype, device=device)
             dense = repeated(dense_step, args.inner, q, k, v, rk, rv, table, groups)
             forms = [("dense", dense)]
-            for m in [int(x) for x in args.fold_multiples.split(",") if x.strip()]:
+            for m in args.fold_multiples:
                 # Zero columns in both tables change no logit, only the kernel's width.
                 extra = -(d + qtable.shape[-1]) % m
                 qt, kc = F.pad(qtable, (0, extra)), F.pad(cols, (0, extra))

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from attention_bench import int_list  # noqa: E402
 from authors_pattern import run_authors_pattern  # noqa: E402
 
 from magicface_core import Concept, GenerationConfig, MagicFacePipeline  # noqa: E402
@@ -140,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor", action="store_true",
                    help="also time vanilla and MagicFace N=2 with the UNet compiled by "
                         "inductor inside our CUDA graph")
-    p.add_argument("--inductor-n", default="2",
+    p.add_argument("--inductor-n", type=int_list, default="2",
                    help="concept counts timed with --inductor (one compile per plan)")
-    p.add_argument("--n", default="1,2,3",
+    p.add_argument("--n", type=int_list, default="1,2,3",
                    help="concept counts for the eager and graph loops (comma list)")
     p.add_argument("--no-checks", action="store_true",
                    help="skip the GPU output and sync checks")
     p.add_argument("--no-eager", action="store_true", help="skip the eager loop cases")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
-    p.add_argument("--authors-n", default="1,2,3",
+    p.add_argument("--authors-n", type=int_list, default="1,2,3",
                    help="concept counts for the authors' pattern (comma list, '' for none)")
     p.add_argument("--bias", default="dense,folded",
                    help="RSA/RBA bias forms timed for MagicFace (comma list): 'dense' (an "
@@ -181,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     biases = _bias_list(args.bias)
     inductor_biases = biases if args.inductor_bias is None else _bias_list(args.inductor_bias)
-    concept_counts = [int(x) for x in args.n.split(",") if x.strip()]
     fused_biases = (inductor_biases[-1:] if args.fused_bias is None
                     else _bias_list(args.fused_bias))
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         # default run near the 5-minute mark).
         for bias in (biases if graphs else biases[:1]):
             use_bias(pipe, bias)
-            for n in concept_counts:
+            for n in args.n:
                 concepts = references(n)
                 pipe.kv_cache = None
                 fresh()
@@ -272,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
                 attempt(case(f"magicface N={n} cached", tag, bias),
                         lambda c=concepts: pipe.generate(PROMPT, c, cfg), rep, max(warm, 1))
                 pipe.kv_cache = None
-        pipe.fold_attention_bias = False
 
     # The CUDA-graph loop computes what the eager loop computes, and the folded bias
     # what the dense bias computes (up to fp16 rounding of w*sqrt(d)); no host-device
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     # The authors' compute pattern: fp32, explicit attention, batch 2(1+N).
     a_rep = args.authors_repeats
     pipe32 = pipe.to(dtype=torch.float32) if dtype != torch.float32 else pipe
-    for n in [int(x) for x in args.authors_n.split(",") if x.strip()]:
+    for n in args.authors_n:
         if over_budget():
             print(f"skipping authors' pattern N={n}: over budget", flush=True)
             continue
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe.use_cuda_graphs = True
             cases = [(f"ours vanilla ({tag})", [], False, "dense")]
             for bias in forms:
-                for n in [int(x) for x in args.inductor_n.split(",") if x.strip()]:
+                for n in args.inductor_n:
                     # Cached first: its target is the tighter one.
                     cases += [(case(f"magicface N={n} cached", tag, bias),
                                references(n), True, bias),
@@ -359,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
                     result["cases"][name]["inductor_active"] = pipe._fast.compiled
                     save()
             pipe.kv_cache = None
-            pipe.fold_attention_bias = False
         # The profile below reads the eager kernels (of the fused projections, if the
         # fused section ran).
         pipe._fast.unet_call, pipe._fast.compiled = pipe.unet, False
@@ -393,10 +391,10 @@ def output_check(pipe, cfg: GenerationConfig, fresh, result: dict) -> None:
     concepts = references(2)
     outs = {}
     for graphs, fold in ((False, False), (True, False), (True, True)):
-        pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
+        pipe.use_cuda_graphs = graphs
+        use_bias(pipe, "folded" if fold else "dense")
         fresh()
         outs[graphs, fold] = pipe.generate(PROMPT, concepts, cfg).latents.float()
-    pipe.fold_attention_bias = False
 
     def rel(a, b) -> float:
         return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -413,7 +411,8 @@ def sync_check(pipe, cfg: GenerationConfig, result: dict) -> None:
     """No host-device sync inside the step loop (warm plans: graphs already captured)."""
     checks = {}
     for graphs, fold in ((True, False), (True, True), (False, False), (False, True)):
-        pipe.use_cuda_graphs, pipe.fold_attention_bias = graphs, fold
+        pipe.use_cuda_graphs = graphs
+        use_bias(pipe, "folded" if fold else "dense")
         label = ("graph" if graphs else "eager") + (" [folded]" if fold else "")
         pipe.generate(PROMPT, references(2), cfg)
         pipe._fast.check_syncs = True
@@ -425,7 +424,6 @@ def sync_check(pipe, cfg: GenerationConfig, result: dict) -> None:
         finally:
             pipe._fast.check_syncs = False
             torch.cuda.set_sync_debug_mode(0)
-    pipe.fold_attention_bias = False
     result["sync_check"] = checks
     print("sync check:", checks, flush=True)
 
