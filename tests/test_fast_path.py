@@ -12,6 +12,11 @@ from magicface_core.kv_cache import KVEntry, ReferenceKVCache
 from .conftest import bias_form, example_concepts, mask_image, noise_image
 
 
+def last_plan(pipe: MagicFacePipeline):
+    """The plan (buffers, bias form) of the fast loop's latest call."""
+    return next(reversed(pipe._fast.plans.values()))
+
+
 @pytest.mark.parametrize("name,limit,alpha,extra", [
     ("Paul", 3, 0.4, {}),
     ("Cartoon", 2, 0.0, {}),
@@ -25,7 +30,7 @@ def test_fast_path_matches_reference_loop(pipe, name, limit, alpha, extra):
     cfg = GenerationConfig(steps=6, height=128, width=128, seed=5, alpha=alpha, **extra)
     with bias_form(pipe, fold=False):
         fast = pipe.generate(prompt, concepts, cfg)
-        plan = next(reversed(pipe._fast.plans.values()))
+        plan = last_plan(pipe)
     assert not plan.folded and plan.io["bias_table"]
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
     torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
@@ -46,9 +51,9 @@ def test_folded_bias_fast_path_matches_reference_loop(pipe, name, limit, alpha, 
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
     with bias_form(pipe, fold=True):
         fast = pipe.generate(prompt, concepts, cfg)
-        plans = list(pipe._fast.plans.values())
+        plan = last_plan(pipe)
     # The folded plan really ran: query/key columns, no dense bias tables.
-    assert plans[-1].folded and not plans[-1].io["bias_table"]
+    assert plan.folded and not plan.io["bias_table"]
     torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
     for a, b in zip(fast.semantic_maps, slow.semantic_maps, strict=True):
         assert (a != b).float().mean() <= 0.05
@@ -60,7 +65,7 @@ def test_folding_only_the_fine_levels_matches_reference_loop(pipe):
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
     with bias_form(pipe, fold=True, min_tokens=16 * 16):
         fast = pipe.generate(prompt, concepts, cfg)
-        plan = next(reversed(pipe._fast.plans.values()))
+        plan = last_plan(pipe)
     # 128x128 pixels: a 16x16 latent. Only that level folds; the coarser one is dense.
     assert set(plan.folded) == {(16, 16)}
     assert set(plan.io["bias_table"]) == set(plan.levels) - {(16, 16)} != set()
@@ -79,7 +84,7 @@ def test_folded_bias_falls_back_for_weights_it_cannot_carry(pipe):
     cfg = GenerationConfig(steps=2, height=64, width=64, seed=1)
     with bias_form(pipe, fold=True):
         fast = pipe.generate(prompt, concepts, cfg)
-        plan = next(reversed(pipe._fast.plans.values()))
+        plan = last_plan(pipe)
     assert not plan.folded and plan.io["bias_table"]
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
     torch.testing.assert_close(fast.latents, slow.latents, atol=2e-5, rtol=1e-4)
