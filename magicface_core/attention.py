@@ -350,6 +350,9 @@ class AttentionState:
     # When set, the riding references' K/V at each modified layer are stored here.
     capture_kv: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
     bias: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    # Batch rows whose attention maps the semantic map reads: the cond row, and the
+    # uncond row before it when the map needs a foreground (empty: the cond row).
+    map_rows: tuple[int, ...] = ()
     # The folded alternative to `bias`: (grid, head dim) -> (query cols, key cols).
     folded: dict[tuple[tuple[int, int], int], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict)
@@ -384,24 +387,36 @@ class AttentionState:
     def wants_map(self, tokens: int) -> bool:
         return self.record_maps and tokens <= self.map_hw[0] * self.map_hw[1]
 
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.map_rows or (self.cond_row,)
+        if len(rows) == 1:
+            return x[rows[0] : rows[0] + 1]
+        return x[list(rows)]
+
+    def record_cross_map(self, block: str, q: torch.Tensor, k: torch.Tensor,
+                         scale: float) -> None:
+        """Keep the map rows' head-averaged cross-attention map of `block`: (R, L, T)."""
+        self.cross_maps[block] = _head_mean_probs(self._rows(q), self._rows(k), scale)
+
     def record_self_map(self, block: str, q: torch.Tensor, k: torch.Tensor,
                         scale: float) -> None:
-        """Keep the cond row's self-attention map of `block` (or what makes it)."""
-        c = self.cond_row
-        qc, kc = q[c : c + 1], k[c : c + 1]
-        self.self_maps[block] = ((qc, kc, scale) if self.defer_self_maps
-                                 else _head_mean_probs(qc, kc, scale))
+        """Keep the map rows' self-attention map of `block` (R, L, L), or with
+        `defer_self_maps` what makes it: (q, k, scale) of those rows."""
+        qr, kr = self._rows(q), self._rows(k)
+        self.self_maps[block] = ((qr, kr, scale) if self.defer_self_maps
+                                 else _head_mean_probs(qr, kr, scale))
 
     def recorded_maps(self) -> tuple[list[torch.Tensor], list[Any],
                                      list[tuple[int, int]]]:
         """This step's (cross maps, self maps, grids), paired by transformer block.
-        A self map is an (L, L) tensor, or (q, k, scale) with `defer_self_maps`."""
+        A cross map is (R, L, T) for the R map rows; a self map is (R, L, L), or
+        (q, k, scale) with `defer_self_maps`."""
         blocks = [b for b in self.cross_maps if b in self.self_maps]
         if not blocks:
             raise RuntimeError("no attention maps were recorded: the UNet has no "
                                "transformer block at or below the semantic-map grid")
         cross = [self.cross_maps[b] for b in blocks]
-        grids = [grid_for_tokens(c.shape[0], self.latent_hw) for c in cross]
+        grids = [grid_for_tokens(c.shape[-2], self.latent_hw) for c in cross]
         return cross, [self.self_maps[b] for b in blocks], grids
 
     def reset_maps(self) -> None:
@@ -449,9 +464,9 @@ def _finish(attn, out: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype)
 
 
 def _head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(s Q K^T) averaged over heads, for one batch row: (Lq, Lk) in fp32."""
-    scores = torch.matmul(q[0].float(), k[0].float().transpose(-1, -2)) * scale
-    return scores.softmax(dim=-1).mean(dim=0)
+    """softmax(s Q K^T) averaged over heads, per batch row: (B, Lq, Lk) in fp32."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return scores.softmax(dim=-1).mean(dim=1)
 
 
 def _block_of(name: str) -> str:
@@ -480,9 +495,7 @@ class RecordingAttnProcessor:
         st = self.state
         if st.wants_map(q.shape[-2]):
             if self.is_cross:
-                c = st.cond_row
-                st.cross_maps[self.block] = _head_mean_probs(q[c : c + 1], k[c : c + 1],
-                                                             attn.scale)
+                st.record_cross_map(self.block, q, k, attn.scale)
             else:
                 st.record_self_map(self.block, q, k, attn.scale)
         return _finish(attn, out, residual, q.dtype)

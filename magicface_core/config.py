@@ -19,6 +19,51 @@ DEFAULT_REFERENCE_LAYERS: tuple[str, ...] = (
 
 MIN_STEPS, MAX_STEPS = 1, 200
 
+PRESETS = ("authors", "paper")
+
+# The negative prompt of the authors' configs (configs/config_stable_diffusion.yaml),
+# used for every published image.
+AUTHORS_NEGATIVE_PROMPT = (
+    "lowres, bad anatomy, text, error, cropped, worst quality, low quality, normal quality, "
+    "jpeg artifacts, blurry, freak, disharmony, ugly, horrible, disabled body, naked"
+)
+
+# What each preset picks for the fields left at None. "paper": the equations only.
+# "authors": what the authors' public code computes (it made every published image).
+# ca_scale under "authors" depends on the number of concepts (resolved in `resolve`).
+_PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "negative_prompt": "",
+        "ca_scale": 1.0,
+        "foreground_mask": False,
+        "region_guidance": False,
+        "map_refinement": "s",
+        "map_aggregation": "mean",
+        "map_tokens": "prompt",
+        "rba_start": "round",
+        "ddim_schedule": "checkpoint",
+    },
+    "authors": {
+        "negative_prompt": AUTHORS_NEGATIVE_PROMPT,
+        "ca_scale": None,  # 0.9 for one concept, 0.6 for several (their configs' advice)
+        "foreground_mask": None,  # on when ca_scale < 0.9, as their get_mask does
+        "region_guidance": True,
+        "map_refinement": "s+3s2",
+        "map_aggregation": "smooth_meannorm",
+        "map_tokens": "all",
+        "rba_start": "after_floor",
+        "ddim_schedule": "authors",
+    },
+}
+
+_CHOICES = {
+    "map_refinement": ("s", "s+3s2"),
+    "map_aggregation": ("mean", "smooth_meannorm"),
+    "map_tokens": ("prompt", "all"),
+    "rba_start": ("round", "after_floor"),
+    "ddim_schedule": ("checkpoint", "authors"),
+}
+
 
 def _check_finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -30,7 +75,13 @@ def _check_finite(name: str, value: Any) -> float:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampling parameters. Defaults are the paper's (SD1.5, DDIM 50, CFG 7.5, alpha 0.4)."""
+    """Sampling parameters: SD1.5/2.x, DDIM 50, CFG 7.5, alpha 0.4 (the paper's).
+
+    `preset` picks how the method's details are computed: "authors" (default)
+    reproduces the authors' public code, which made every published image; "paper"
+    is the paper's equations alone. Each detail a preset picks is a field of its own
+    (None: the preset's value); `resolve(n_concepts)` fills them in.
+    """
 
     steps: int = 50
     guidance_scale: float = 7.5
@@ -38,18 +89,40 @@ class GenerationConfig:
     seed: int = 0
     height: int = 512
     width: int = 512
-    negative_prompt: str = ""
+    negative_prompt: str | None = None
+    preset: str = "authors"
     # Seed of the reference-path noise; None derives it from `seed`. The service
     # may pin it so that one reference's cached K/V serves requests of any seed.
     reference_seed: int | None = None
     reference_layers: tuple[str, ...] = DEFAULT_REFERENCE_LAYERS
     # Semantic-map grid as a fraction of the latent grid (1/2: 32x32 at 512px).
     map_downscale: int = 2
-    # Optional extras of the authors' code (off by default).
-    ca_scale: float = 1.0
-    region_guidance: bool = False
-    region_guidance_min: float = 0.5
-    region_guidance_max: float = 2.0
+    # Semantic map (Eqs. 3-5). "s": C^ = S C (the paper); "s+3s2": ((S + 3 S^2) / 4) C.
+    map_refinement: str | None = None
+    # "mean": average the layers, renormalise each token over space (the paper);
+    # "smooth_meannorm": 3x3 Gaussian (sigma 0.5) per layer, divide by its spatial
+    # mean, then average (the authors').
+    map_aggregation: str | None = None
+    # "prompt": only the prompt's own tokens compete in the argmax; "all": all 77
+    # positions do (<start> then usually takes the background).
+    map_tokens: str | None = None
+    # Non-concept tokens' scores are multiplied by this before the argmax.
+    ca_scale: float | None = None
+    # Keep concept regions inside the foreground (<start> vs the other tokens, on the
+    # unconditional branch's maps).
+    foreground_mask: bool | None = None
+    # "round": RBA from step round(alpha * steps) (the paper); "after_floor": from
+    # step int(alpha * steps) + 1 (the authors').
+    rba_start: str | None = None
+    # "checkpoint": the checkpoint's DDIM settings; "authors": the DDIM the authors'
+    # code runs (SD's betas, steps_offset 1, leading spacing, no final alpha of one).
+    ddim_schedule: str | None = None
+    # Region-adaptive CFG of the authors' code: per-token guidance rate, clamped to
+    # [min, max] and to at most `region_guidance_cap / guidance_scale`, smoothed.
+    region_guidance: bool | None = None
+    region_guidance_min: float = 0.8
+    region_guidance_max: float = 3.0
+    region_guidance_cap: float = 15.0
     # Automatic masks (segment-anything) for concepts without one.
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_h"
@@ -88,26 +161,57 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be in [64, 2048], got {v}")
             if v % 8:
                 raise ValueError(f"{name} must be a multiple of 8, got {v}")
-        if not isinstance(self.negative_prompt, str):
-            raise ValueError("negative_prompt must be a string")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError("negative_prompt must be a string or None")
+        for name, choices in _CHOICES.items():
+            v = getattr(self, name)
+            if v is not None and v not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
+        for name in ("foreground_mask", "region_guidance"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"{name} must be true, false or None, got {v!r}")
         if isinstance(self.map_downscale, bool) or self.map_downscale not in (1, 2, 4, 8):
             raise ValueError(f"map_downscale must be one of 1, 2, 4, 8, got {self.map_downscale!r}")
         if not isinstance(self.reference_layers, tuple) or not all(
             isinstance(x, str) and x for x in self.reference_layers
         ):
             raise ValueError("reference_layers must be a tuple of module-name prefixes")
-        c = _check_finite("ca_scale", self.ca_scale)
-        if not 0.0 < c <= 1.0:
-            raise ValueError(f"ca_scale must be in (0, 1], got {c}")
+        if self.ca_scale is not None:
+            c = _check_finite("ca_scale", self.ca_scale)
+            if not 0.0 < c <= 1.0:
+                raise ValueError(f"ca_scale must be in (0, 1], got {c}")
         lo = _check_finite("region_guidance_min", self.region_guidance_min)
         hi = _check_finite("region_guidance_max", self.region_guidance_max)
-        if not 0.0 <= lo <= 1.0 <= hi:
-            raise ValueError("region_guidance_min must be in [0, 1] and region_guidance_max >= 1, "
+        if not 0.0 <= lo <= hi:
+            raise ValueError("region_guidance_min must be >= 0 and <= region_guidance_max, "
                              f"got {lo}, {hi}")
+        cap = _check_finite("region_guidance_cap", self.region_guidance_cap)
+        if cap <= 0:
+            raise ValueError(f"region_guidance_cap must be > 0, got {cap}")
+
+    def resolve(self, n_concepts: int) -> GenerationConfig:
+        """This config with every preset-picked field (None) set to the preset's value
+        for a call with `n_concepts` concepts."""
+        values = _PRESET_VALUES[self.preset]
+        changes = {k: v for k, v in values.items() if getattr(self, k) is None}
+        if "ca_scale" in changes and changes["ca_scale"] is None:
+            changes["ca_scale"] = 0.9 if n_concepts <= 1 else 0.6
+        ca = changes.get("ca_scale", self.ca_scale)
+        if "foreground_mask" in changes and changes["foreground_mask"] is None:
+            changes["foreground_mask"] = ca < 0.9
+        return replace(self, **changes) if changes else self
 
     @property
     def rsa_steps(self) -> int:
-        """Number of leading steps that use RSA; the rest use RBA."""
+        """Number of leading steps that use RSA; the rest use RBA (from the resolved
+        `rba_start`; unresolved, the preset's rule)."""
+        rule = self.rba_start or _PRESET_VALUES[self.preset]["rba_start"]
+        if rule == "after_floor":
+            # The authors' code switches when step > int(alpha * steps).
+            return min(self.steps, int(self.alpha * self.steps) + 1)
         # Python's round() is banker's rounding; the paper means round-half-up.
         return min(self.steps, int(math.floor(self.alpha * self.steps + 0.5)))
 

@@ -5,42 +5,60 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cfg", "region_adaptive_cfg"]
+from .segmentation import smooth
+
+__all__ = ["cfg", "region_guidance_rate", "region_adaptive_cfg"]
 
 
-def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.Tensor:
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def region_guidance_rate(
+    delta: torch.Tensor,
+    hits: torch.Tensor,
+    foreground: torch.Tensor,
+    scale,
+    lo: float = 0.8,
+    hi: float = 3.0,
+    cap: float = 15.0,
+) -> torch.Tensor:
+    """Per-pixel guidance rate of the authors' region-adaptive CFG: (1, 1, H, W), fp32.
+
+    `delta` = eps_cond - eps_uncond (1, C, H, W); `hits` (T, h, w) the per-token
+    regions of the semantic map and `foreground` (h, w) its foreground, both on the
+    map grid (nearest-upsampled to H x W here). Token t's region gets rate
+    m_fg / m_t, where m is the mean of |delta| (norm over channels) over the
+    foreground and over the region: regions the prompt pulls weakly are pushed
+    harder. A pixel's rate is the sum over the regions holding it (0 in none),
+    clamped to [lo, hi] and to at most cap / scale, then smoothed (3x3, reflect).
+    """
+    hw = delta.shape[-2:]
+    norm = delta.float().norm(dim=1)  # (1, H, W)
+    regions = F.interpolate(hits[None].float(), size=hw, mode="nearest")[0]  # (T, H, W)
+    fg = F.interpolate(foreground[None, None].float(), size=hw, mode="nearest")[0]  # (1,H,W)
+    area = regions.sum(dim=(-2, -1))
+    token_norm = (norm * regions).sum(dim=(-2, -1)) / (area + 1e-8)
+    fore_norm = (norm * fg).sum(dim=(-2, -1)) / (fg.sum(dim=(-2, -1)) + 1e-8)
+    rate_t = fore_norm * (area > 0).float() / (token_norm + 1e-8)  # (T,)
+    rate = (rate_t[:, None, None] * regions).sum(dim=0, keepdim=True)  # (1, H, W)
+    rate = rate.clamp(lo, hi)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=rate.device)
+    rate = torch.minimum(rate, cap / scale)
+    return smooth(rate[None])
 
 
 def region_adaptive_cfg(
     eps_uncond: torch.Tensor,
     eps_cond: torch.Tensor,
-    scale: float,
-    labels: torch.Tensor,
-    n_labels: int,
-    lo: float = 0.5,
-    hi: float = 2.0,
+    scale,
+    hits: torch.Tensor,
+    foreground: torch.Tensor,
+    lo: float = 0.8,
+    hi: float = 3.0,
+    cap: float = 15.0,
 ) -> torch.Tensor:
-    """Guidance whose scale varies per semantic region (an S-CFG-style extra of the
-    authors' code, off by default).
-
-    `labels` holds values in [0, n_labels). Each region r gets rate m / m_r, clamped
-    to [lo, hi], where m_r is the mean guidance magnitude |eps_c - eps_u| inside r
-    and m the mean over the image:
-    regions the prompt pulls weakly are pushed harder, so a small concept region is
-    not washed out by the background.
-    """
+    """eps_u + scale * rate * (eps_c - eps_u) with `region_guidance_rate`'s rate."""
     delta = eps_cond - eps_uncond
-    mag = delta.float().norm(dim=1, keepdim=True)  # (B, 1, h, w)
-    lab = F.interpolate(labels[None, None].float(), size=mag.shape[-2:], mode="nearest")
-    lab = lab.long().expand_as(mag)
-    n = n_labels
-    flat_lab, flat_mag = lab.reshape(lab.shape[0], -1), mag.reshape(mag.shape[0], -1)
-    sums = torch.zeros(mag.shape[0], n, device=mag.device).scatter_add_(1, flat_lab, flat_mag)
-    counts = torch.zeros(mag.shape[0], n, device=mag.device).scatter_add_(
-        1, flat_lab, torch.ones_like(flat_mag))
-    region_mean = sums / counts.clamp_min(1)
-    overall = flat_mag.mean(dim=1, keepdim=True)
-    rate = (overall / region_mean.clamp_min(1e-8)).clamp(lo, hi)
-    per_pixel = rate.gather(1, flat_lab).reshape(mag.shape).to(delta.dtype)
-    return eps_uncond + scale * per_pixel * delta
+    rate = region_guidance_rate(delta, hits, foreground, scale, lo, hi, cap).to(delta.dtype)
+    return eps_uncond + scale * rate * delta

@@ -74,13 +74,14 @@ def reference_cache_key(
     height: int,
     width: int,
     steps: int,
-    noise_seed: int,
+    noise_seed: int | str,
     concept_index: int,
     layers: tuple[str, ...],
     dtype: torch.dtype,
     schedule: str = "",
 ) -> str:
-    """Content hash of everything that determines a reference's K/V."""
+    """Content hash of everything that determines a reference's K/V. `noise_seed` is the
+    reference-noise seed, or a digest of explicitly given noise."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(image).tobytes())
     h.update(repr((image.shape, model, prompt, height, width, steps, noise_seed, concept_index,

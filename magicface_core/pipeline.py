@@ -29,7 +29,7 @@ from .reference import (
     prepare_reference,
 )
 from .sampler import FastSampler
-from .segmentation import latent_semantic_map
+from .segmentation import semantic_regions, token_tables
 from .tokens import word_token_indices
 
 __all__ = ["MagicFacePipeline", "MagicFaceResult"]
@@ -48,6 +48,8 @@ class MagicFaceResult:
     masks: list[torch.Tensor] = field(default_factory=list)  # letterboxed concept masks
     cache_hits: int = 0  # references whose K/V came from the cache
     cache_misses: int = 0  # references computed and stored in the cache
+    # The config as run: every field the preset picks filled in.
+    config: GenerationConfig | None = None
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -204,6 +206,14 @@ class MagicFacePipeline:
                              max_length=self.tokenizer.model_max_length)["input_ids"]
         return list(range(1, max(2, len(ids) - 1)))
 
+    def token_tables(self, prompt: str, concept_tokens: Sequence[Sequence[int]],
+                     config: GenerationConfig, device: torch.device | str = "cpu"):
+        """The semantic map's (bias, scale, label_of) token tables for a resolved config."""
+        candidates = (None if config.map_tokens == "all"
+                      else self._prompt_positions(prompt))
+        return token_tables(self.tokenizer.model_max_length, concept_tokens, candidates,
+                            config.ca_scale, device=device)
+
     def _sam_factory(self, config: GenerationConfig) -> Callable[[], object] | None:
         if self.sam_predictor is not None:
             return lambda: self.sam_predictor
@@ -268,65 +278,126 @@ class MagicFacePipeline:
         concepts: Sequence[Concept] = (),
         config: GenerationConfig | None = None,
         on_step: StepCallback | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        reference_noise: torch.Tensor | None = None,
     ) -> MagicFaceResult:
         """Sample one image. `on_step(step, total)` runs after every step; an exception
-        raised in it aborts the run (the UNet is left as it was) and propagates."""
+        raised in it aborts the run (the UNet is left as it was) and propagates.
+
+        `latents` (1, C, h, w) replaces the seeded z_T, and `reference_noise`
+        (steps, N, C, h, w) the seeded reference-path noise (`reference_noise[i, j]`
+        noises concept j's latent at step i), as diffusers' `latents=` does: with
+        both, a run of another implementation can be reproduced. The K/V cache keys
+        explicit noise by its content.
+        """
         config = config or GenerationConfig()
         self._validate(prompt, concepts, config)
+        config = config.resolve(len(concepts))
         concept_tokens = self.concept_tokens(prompt, concepts)
+        f = self.vae_scale_factor
+        shape = (self.unet.config.in_channels, config.height // f, config.width // f)
+        if latents is not None and tuple(latents.shape) != (1, *shape):
+            raise ValueError(f"latents must have shape {(1, *shape)}, "
+                             f"got {tuple(latents.shape)}")
+        if reference_noise is not None and tuple(reference_noise.shape) != (
+                config.steps, len(concepts), *shape):
+            raise ValueError(f"reference_noise must have shape "
+                             f"{(config.steps, len(concepts), *shape)}, "
+                             f"got {tuple(reference_noise.shape)}")
         refs = self.prepare_references(concepts, config)
         with self._lock:
-            if config.fast_path and supports_fast_ddim(self.scheduler):
-                latents, maps, hits, misses = self._fast.sample(
+            if config.fast_path and supports_fast_ddim(self.make_scheduler(config)):
+                out, maps, hits, misses = self._fast.sample(
                     prompt, refs, concept_tokens, config, on_step, self.kv_cache,
-                    self.use_cuda_graphs)
+                    self.use_cuda_graphs, latents=latents, reference_noise=reference_noise)
                 return MagicFaceResult(
-                    image=self.decode(latents), semantic_maps=maps, latents=latents,
-                    concept_tokens=concept_tokens, rsa_steps=config.rsa_steps if refs else 0,
-                    masks=[r.mask for r in refs], cache_hits=hits, cache_misses=misses)
-            return self._sample(prompt, list(concepts), refs, concept_tokens, config, on_step)
+                    image=self.decode(out), semantic_maps=maps, latents=out,
+                    concept_tokens=concept_tokens,
+                    rsa_steps=self.rsa_steps(config) if refs else 0,
+                    masks=[r.mask for r in refs], cache_hits=hits, cache_misses=misses,
+                    config=config)
+            return self._sample(prompt, refs, concept_tokens, config, on_step, latents,
+                                reference_noise)
 
-    def initial_state(self, config: GenerationConfig):
-        """A fresh DDIM scheduler set to `config.steps`, the latent grid, and z_T drawn
-        as diffusers draws it from a CPU generator seeded with `config.seed`."""
+    @staticmethod
+    def rsa_steps(config: GenerationConfig) -> int:
+        """Leading RSA steps of a resolved config. The authors' code makes no semantic
+        map without CFG (it is computed in the guidance branch), so under that preset
+        a call without CFG runs RSA throughout."""
+        if config.preset == "authors" and config.guidance_scale <= 1.0:
+            return config.steps
+        return config.rsa_steps
+
+    @staticmethod
+    def wants_foreground(config: GenerationConfig) -> bool:
+        """Whether the map needs the uncond branch's foreground (with CFG only)."""
+        return config.guidance_scale > 1.0 and bool(config.foreground_mask
+                                                     or config.region_guidance)
+
+    def make_scheduler(self, config: GenerationConfig):
+        """A fresh DDIM scheduler: the checkpoint's settings, or the one the authors'
+        code runs with, keeping the checkpoint's prediction type. Their script builds
+        DDIM with SD's betas and steps_offset 0, but diffusers' StableDiffusionPipeline
+        constructor rewrites steps_offset to 1 (a deprecation fix-up), so what runs is
+        steps_offset 1: timesteps 981..1 at 50 steps, as SD's own checkpoints say."""
+        from diffusers import DDIMScheduler
+
+        if config.ddim_schedule == "authors":
+            return DDIMScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                prediction_type=self.scheduler.config.get("prediction_type", "epsilon"))
+        return type(self.scheduler).from_config(self.scheduler.config)
+
+    def initial_state(self, config: GenerationConfig, latents: torch.Tensor | None = None):
+        """The config's DDIM scheduler set to `config.steps`, the latent grid, and z_T:
+        `latents` when given, else drawn as diffusers draws it from a CPU generator
+        seeded with `config.seed`."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler = self.make_scheduler(config)
         scheduler.set_timesteps(config.steps, device=self.device)
         f = self.vae_scale_factor
         latent_hw = (config.height // f, config.width // f)
-        generator = torch.Generator("cpu").manual_seed(config.seed)
-        latents = randn_tensor((1, self.unet.config.in_channels, *latent_hw),
-                               generator=generator, device=self.device, dtype=self.dtype)
+        if latents is None:
+            generator = torch.Generator("cpu").manual_seed(config.seed)
+            latents = randn_tensor((1, self.unet.config.in_channels, *latent_hw),
+                                   generator=generator, device=self.device, dtype=self.dtype)
+        latents = latents.to(device=self.device, dtype=self.dtype)
         return scheduler, latent_hw, latents * scheduler.init_noise_sigma
 
-    def _sample(self, prompt, concepts, refs, concept_tokens, config, on_step):
+    def _sample(self, prompt, refs, concept_tokens, config, on_step, latents=None,
+                reference_noise=None):
+        """The plain reference loop: diffusers' scheduler, explicit maps, no cache."""
         dtype = self.unet.dtype
-        n = len(concepts)
+        n = len(refs)
         do_cfg = config.guidance_scale > 1.0
         target_rows = 2 if do_cfg else 1
 
         embeds = self.unet_embeddings(prompt, config.negative_prompt, do_cfg,
                                       [r.prompt for r in refs])
 
-        scheduler, latent_hw, latents = self.initial_state(config)
+        scheduler, latent_hw, latents = self.initial_state(config, latents)
         timesteps = scheduler.timesteps
 
         state, original, noisy_refs = None, None, None
         map_hw = level_grid(latent_hw, config.map_downscale)
+        fore = self.wants_foreground(config)
         if n:
             ref_latents = encode_latents(self.vae, torch.cat([r.pixels for r in refs]))
             ref_seed = config.seed if config.reference_seed is None else config.reference_seed
             noisy_refs = noised_reference_latents(scheduler, ref_latents.to(dtype), timesteps,
-                                                  ref_seed)
+                                                  ref_seed, noise=reference_noise)
             state = AttentionState(
                 latent_hw=latent_hw, target_rows=target_rows, cond_row=target_rows - 1,
                 weights=[r.weight for r in refs], masks=[r.mask for r in refs],
                 map_hw=map_hw, ref_rows=[target_rows + i for i in range(n)],
+                map_rows=(0, 1) if fore else (),
             )
             original = self._install(state, config.reference_layers)
-        candidates = self._prompt_positions(prompt)
-        rsa_steps = config.rsa_steps
+        tables = self.token_tables(prompt, concept_tokens, config, self.device) if n else None
+        rsa_steps = self.rsa_steps(config)
         maps: list[torch.Tensor] = []
         try:
             for i, t in enumerate(timesteps):
@@ -335,7 +406,8 @@ class MagicFacePipeline:
                 if state is not None:
                     state.mode = "rsa" if i < rsa_steps else "rba"
                     # A map is needed from the last RSA step on (it drives the next
-                    # step's RBA), and at every step when the caller wants them all.
+                    # step's RBA), and at every step for region guidance or when the
+                    # caller wants them all.
                     state.record_maps = (config.return_semantic_maps or config.region_guidance
                                          or i >= rsa_steps - 1)
                     state.reset_maps()
@@ -343,18 +415,23 @@ class MagicFacePipeline:
                 eps = self.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
                 eps = eps[:target_rows]
 
-                labels = None
+                hits = foreground = None
                 if state is not None and state.record_maps:
-                    labels = self._semantic_map(state, concept_tokens, candidates, config)
+                    cross, selfs, grids = state.recorded_maps()
+                    hits, labels, foreground = semantic_regions(
+                        cross, selfs, grids, map_hw, tables,
+                        refinement=config.map_refinement, aggregation=config.map_aggregation,
+                        foreground=fore, foreground_mask=bool(config.foreground_mask))
                     state.set_labels(labels)
                     if config.return_semantic_maps:
                         maps.append(labels)
                 if do_cfg:
                     eps_u, eps_c = eps.chunk(2)
-                    if config.region_guidance and labels is not None:
+                    if config.region_guidance and hits is not None:
                         noise_pred = region_adaptive_cfg(
-                            eps_u, eps_c, config.guidance_scale, labels, n + 1,
-                            config.region_guidance_min, config.region_guidance_max)
+                            eps_u, eps_c, config.guidance_scale, hits, foreground,
+                            config.region_guidance_min, config.region_guidance_max,
+                            config.region_guidance_cap)
                     else:
                         noise_pred = cfg(eps_u, eps_c, config.guidance_scale)
                 else:
@@ -375,13 +452,8 @@ class MagicFacePipeline:
             concept_tokens=concept_tokens,
             rsa_steps=rsa_steps if n else 0,
             masks=[r.mask for r in refs],
+            config=config,
         )
-
-    def _semantic_map(self, state: AttentionState, concept_tokens, candidates,
-                      config: GenerationConfig) -> torch.Tensor:
-        cross, selfs, grids = state.recorded_maps()
-        return latent_semantic_map(cross, selfs, concept_tokens, state.map_hw, grids=grids,
-                                   candidate_tokens=candidates, ca_scale=config.ca_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:

@@ -97,16 +97,20 @@ def reference_noise(shape: tuple[int, ...], seed: int, concept_index: int,
 
 def noised_reference_latents(
     scheduler, latents: torch.Tensor, timesteps: torch.Tensor, seed: int,
-    concept_indices: list[int] | None = None,
+    concept_indices: list[int] | None = None, noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z_{i,t} = add_noise(z_i, eps_{i,t}, t) for every step t and concept i, made once
     before the loop: (steps, N, C, h, w) on the latents' device and dtype.
-    `concept_indices` names the concept of each latent (default 0..N-1)."""
+    `concept_indices` names the concept of each latent (default 0..N-1). `noise`
+    (steps, all concepts, C, h, w) gives eps explicitly instead of the seeded draws."""
     indices = list(range(latents.shape[0])) if concept_indices is None else concept_indices
     out = []
     for step, t in enumerate(timesteps):
-        noise = torch.cat([reference_noise(tuple(latents.shape[1:]), seed, i, step)[None]
-                           for i in indices])
-        noisy = scheduler.add_noise(latents.float().cpu(), noise, t.reshape(1).cpu())
+        if noise is not None:
+            eps = noise[step, indices].float().cpu()
+        else:
+            eps = torch.cat([reference_noise(tuple(latents.shape[1:]), seed, i, step)[None]
+                             for i in indices])
+        noisy = scheduler.add_noise(latents.float().cpu(), eps, t.reshape(1).cpu())
         out.append(noisy)
     return torch.stack(out).to(device=latents.device, dtype=latents.dtype)

@@ -13,6 +13,7 @@ pipeline.py, arranged for speed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,12 +38,7 @@ from .ddim import ddim_coefficients, ddim_step
 from .guidance import region_adaptive_cfg
 from .kv_cache import KVEntry, ReferenceKVCache, reference_cache_key
 from .reference import PreparedReference, encode_latents, noised_reference_latents
-from .segmentation import (
-    combine_layers,
-    labels_from_scores,
-    refine_by_self_attention,
-    token_tables,
-)
+from .segmentation import semantic_regions
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +133,10 @@ class FastSampler:
 
     # -- one call ---------------------------------------------------------------------
     def sample(self, prompt: str, refs: list[PreparedReference], concept_tokens, config,
-               on_step, cache: ReferenceKVCache | None, use_graphs: bool):
+               on_step, cache: ReferenceKVCache | None, use_graphs: bool, *,
+               latents: torch.Tensor | None = None,
+               reference_noise: torch.Tensor | None = None):
+        """One call of a resolved config; see MagicFacePipeline.generate."""
         pipe = self.pipe
         device, dtype = pipe.device, pipe.dtype
         n = len(refs)
@@ -145,7 +144,7 @@ class FastSampler:
         t_rows = 2 if do_cfg else 1
         use_graphs = use_graphs and device.type == "cuda"
 
-        scheduler, latent_hw, latents = pipe.initial_state(config)
+        scheduler, latent_hw, latents = pipe.initial_state(config, latents)
         timesteps = scheduler.timesteps
         coef = ddim_coefficients(scheduler, timesteps).to(device)
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
@@ -160,10 +159,15 @@ class FastSampler:
         if cache is not None:
             schedule = repr(sorted(scheduler.config.items()))
             for i, r in enumerate(refs):
+                noise_id: int | str = ref_seed
+                if reference_noise is not None:
+                    noise_id = "noise:" + hashlib.sha256(
+                        reference_noise[:, i].float().cpu().contiguous().numpy().tobytes()
+                    ).hexdigest()
                 keys[i] = reference_cache_key(
                     model=pipe.model_name, image=np.asarray(r.image), prompt=r.prompt,
                     height=config.height, width=config.width, steps=config.steps,
-                    noise_seed=ref_seed, concept_index=i, layers=config.reference_layers,
+                    noise_seed=noise_id, concept_index=i, layers=config.reference_layers,
                     dtype=dtype, schedule=schedule)
                 entries[i] = cache.get(keys[i])
         riding = [i for i in range(n) if entries[i] is None]
@@ -175,15 +179,18 @@ class FastSampler:
         if riding:
             z = encode_latents(pipe.vae, torch.cat([refs[i].pixels for i in riding]))
             noisy = noised_reference_latents(scheduler, z.to(dtype), timesteps, ref_seed,
-                                             riding)
+                                             riding, noise=reference_noise)
 
         map_hw = level_grid(latent_hw, config.map_downscale)
+        fore = pipe.wants_foreground(config)
         sig = (latent_hw, t_rows, tuple(riding), tuple(cached), n, map_hw,
                config.reference_layers, dtype, str(device), config.region_guidance,
-               config.region_guidance_min, config.region_guidance_max, prediction_type,
-               use_graphs, self.compiled, embeds.shape, fold, self.fold_min_tokens)
+               config.region_guidance_min, config.region_guidance_max,
+               config.region_guidance_cap, config.map_refinement, config.map_aggregation,
+               config.foreground_mask, fore, prediction_type, use_graphs, self.compiled,
+               embeds.shape, fold, self.fold_min_tokens)
         plan = self._plan(sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
-                          dtype, config.reference_layers, fold)
+                          dtype, config.reference_layers, fold, fore)
         io, st = plan.io, plan.state
 
         # Fill the static buffers for this call.
@@ -193,9 +200,7 @@ class FastSampler:
         io["labels"].zero_()
         if n:
             self._fill_biases(plan, refs, device, dtype)
-            positions = pipe._prompt_positions(prompt)
-            tb, ts, tl = token_tables(io["token_bias"].numel(), concept_tokens, positions,
-                                      config.ca_scale, device=device)
+            tb, ts, tl = pipe.token_tables(prompt, concept_tokens, config, device)
             io["token_bias"].copy_(tb)
             io["token_scale"].copy_(ts)
             io["label_of"].copy_(tl)
@@ -203,7 +208,7 @@ class FastSampler:
         store: dict[int, list] = {i: [] for i in riding} if cache is not None else {}
         original = pipe._install(st, config.reference_layers) if n else None
         # The first RBA step needs the previous step's map: step 0 is always RSA.
-        rsa_steps = max(config.rsa_steps, 1)
+        rsa_steps = max(pipe.rsa_steps(config), 1)
         is_rsa = torch.arange(config.steps, device=device) < rsa_steps
         maps = (torch.zeros(config.steps, *map_hw, dtype=torch.long, device=device)
                 if n and config.return_semantic_maps else None)
@@ -261,7 +266,7 @@ class FastSampler:
 
     # -- plans and steps --------------------------------------------------------------
     def _plan(self, sig, latent_hw, t_rows, n, riding, map_hw, embeds, entries, device,
-              dtype, reference_layers, fold) -> _Plan:
+              dtype, reference_layers, fold, fore) -> _Plan:
         if sig in self.plans:
             self.plans.move_to_end(sig)
             return self.plans[sig]
@@ -293,7 +298,7 @@ class FastSampler:
                 ref_rows[i] = t_rows + row
             state = AttentionState(latent_hw=latent_hw, target_rows=t_rows,
                                    cond_row=t_rows - 1, weights=[1.0] * n, masks=[], map_hw=map_hw,
-                                   ref_rows=ref_rows)
+                                   ref_rows=ref_rows, map_rows=(0, 1) if fore else ())
             state.mode = "fast"
             state.defer_self_maps = True
             io["is_rsa"] = torch.zeros((), dtype=torch.bool, device=device)
@@ -384,20 +389,20 @@ class FastSampler:
         parts = [x] * t_rows + ([io["refs"]] if "refs" in io else [])
         eps = self._call_unet(torch.cat(parts), io["t"], encoder_hidden_states=io["embeds"],
                               return_dict=False)[0][:t_rows]
-        labels = None
+        labels = hits = fore = None
         if st is not None:
             cross, selfs, grids = st.recorded_maps()
-            refined = [refine_by_self_attention(c, *qks) for c, qks in zip(cross, selfs,
-                                                                           strict=True)]
-            scores = combine_layers(refined, st.map_hw, grids=grids)
-            labels = labels_from_scores(scores, io["token_bias"], io["token_scale"],
-                                        io["label_of"])
+            hits, labels, fore = semantic_regions(
+                cross, selfs, grids, st.map_hw,
+                (io["token_bias"], io["token_scale"], io["label_of"]),
+                refinement=config.map_refinement, aggregation=config.map_aggregation,
+                foreground=len(st.map_rows) == 2, foreground_mask=bool(config.foreground_mask))
         if do_cfg:
             eps_u, eps_c = eps.chunk(2)
-            if config.region_guidance and labels is not None:
-                noise_pred = region_adaptive_cfg(eps_u, eps_c, io["g"], labels,
-                                                 st.n_concepts + 1, config.region_guidance_min,
-                                                 config.region_guidance_max)
+            if config.region_guidance and hits is not None:
+                noise_pred = region_adaptive_cfg(
+                    eps_u, eps_c, io["g"], hits, fore, config.region_guidance_min,
+                    config.region_guidance_max, config.region_guidance_cap)
             else:
                 noise_pred = eps_u + io["g"].to(eps.dtype) * (eps_c - eps_u)
         else:

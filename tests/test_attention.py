@@ -291,5 +291,13 @@ def test_recording_processor_is_plain_attention_and_records_cond_maps():
         got = attn(x, encoder_hidden_states=ctx)
     torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)
     recorded = state.cross_maps["mid_block.attentions.0.transformer_blocks.0"]
-    assert recorded.shape == (4, 5)
-    torch.testing.assert_close(recorded.sum(-1), torch.ones(4))
+    assert recorded.shape == (1, 4, 5)  # the cond row only
+    torch.testing.assert_close(recorded.sum(-1), torch.ones(1, 4))
+    # With map_rows the uncond row (0) is kept too, in order.
+    state.map_rows = (0, 1)
+    with torch.no_grad():
+        attn(x, encoder_hidden_states=ctx)
+    both = state.cross_maps["mid_block.attentions.0.transformer_blocks.0"]
+    assert both.shape == (2, 4, 5)
+    torch.testing.assert_close(both[1:], recorded)
+    assert not torch.allclose(both[0], both[1])

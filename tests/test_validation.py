@@ -91,8 +91,21 @@ def test_unknown_reference_layer(pipe, small_config):
         pipe.generate("a man", [c], small_config.replace(reference_layers=("up_blocks.9",)))
 
 
-def test_rsa_steps_rounds_half_up():
-    assert GenerationConfig(steps=50, alpha=0.4).rsa_steps == 20
-    assert GenerationConfig(steps=5, alpha=0.5).rsa_steps == 3
-    assert GenerationConfig(steps=5, alpha=0.0).rsa_steps == 0
-    assert GenerationConfig(steps=5, alpha=1.0).rsa_steps == 5
+def test_rsa_steps_rounds_half_up_under_the_paper_rule():
+    paper = GenerationConfig(preset="paper")
+    assert paper.replace(steps=50, alpha=0.4).rsa_steps == 20
+    assert paper.replace(steps=5, alpha=0.5).rsa_steps == 3
+    assert paper.replace(steps=5, alpha=0.0).rsa_steps == 0
+    assert paper.replace(steps=5, alpha=1.0).rsa_steps == 5
+
+
+def test_rsa_steps_under_the_authors_rule():
+    # Their attention switches to RBA when the step index > int(alpha * steps).
+    for steps, alpha in [(50, 0.4), (5, 0.5), (8, 0.0), (7, 0.3), (3, 1.0), (50, 0.999)]:
+        want = min(steps, len([i for i in range(steps) if not i > int(alpha * steps)]))
+        assert GenerationConfig(steps=steps, alpha=alpha).rsa_steps == want
+    assert GenerationConfig(steps=50, alpha=0.4).rsa_steps == 21
+    # The field overrides the preset's rule either way.
+    assert GenerationConfig(steps=50, alpha=0.4, rba_start="round").rsa_steps == 20
+    assert GenerationConfig(steps=50, alpha=0.4, preset="paper",
+                            rba_start="after_floor").rsa_steps == 21
