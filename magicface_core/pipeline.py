@@ -343,7 +343,7 @@ class MagicFacePipeline:
         steps_offset 1: timesteps 981..1 at 50 steps, as SD's own checkpoints say."""
         from diffusers import DDIMScheduler
 
-        if config.ddim_schedule == "authors":
+        if config.resolve(0).ddim_schedule == "authors":
             return DDIMScheduler(
                 beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1,

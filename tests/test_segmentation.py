@@ -124,3 +124,117 @@ def test_self_attention_refinement_without_forming_the_map(heads, length, d):
     torch.testing.assert_close(got.double(), want, atol=5e-3, rtol=5e-2)
     with pytest.raises(ValueError, match="does not match"):
         refine_by_self_attention(cross[:-1], q, k, scale)
+
+
+# -- the authors' variants, each against a re-derivation from its formula ------------------
+def test_smoothing_kernel_is_the_authors_form():
+    from magicface_core.segmentation import gaussian_kernel
+
+    # exp(-(x / (2 sigma))^2) per axis at x = -1, 0, 1 with sigma 0.5: e^-1, 1, e^-1.
+    e = float(torch.exp(torch.tensor(-1.0)))
+    axis = torch.tensor([e, 1.0, e]) / (1 + 2 * e)
+    torch.testing.assert_close(gaussian_kernel(3, 0.5), torch.outer(axis, axis))
+    torch.testing.assert_close(gaussian_kernel(3, 0.5).sum(), torch.tensor(1.0))
+
+
+def test_smooth_reflect_pads_and_convolves():
+    import numpy as np
+
+    from magicface_core.segmentation import gaussian_kernel, smooth
+
+    x = torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(0))
+    k = gaussian_kernel().numpy()
+    want = np.zeros((2, 5, 6))
+    for p in range(2):
+        a = np.pad(x[p].numpy(), 1, mode="reflect")  # reflect: edge not repeated
+        for i in range(5):
+            for j in range(6):
+                want[p, i, j] = (a[i:i + 3, j:j + 3] * k).sum()
+    torch.testing.assert_close(smooth(x), torch.from_numpy(want).float())
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_s_plus_3s2_refinement_with_and_without_forming_s(rows):
+    from magicface_core.segmentation import refine, refine_by_self_attention
+
+    g = torch.Generator().manual_seed(rows)
+    q, k = torch.randn(rows, 3, 16, 4, generator=g), torch.randn(rows, 3, 16, 4, generator=g)
+    cross = torch.rand(rows, 16, 77, generator=g).softmax(-1)
+    s = (q.double() @ k.double().transpose(-1, -2) * 0.5).softmax(-1).mean(1)
+    # Their loop: S, plus S @ S three times, over four.
+    want = ((s + s @ s + s @ s + s @ s) / 4) @ cross.double()
+    torch.testing.assert_close(refine(cross, s.float(), "s+3s2").double(), want, atol=1e-6,
+                               rtol=1e-5)
+    got = refine_by_self_attention(cross, q, k, 0.5, refinement="s+3s2")
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="refinement"):
+        refine(cross, s.float(), "s3")
+
+
+def test_smooth_meannorm_aggregation_and_foreground():
+    import numpy as np
+
+    from magicface_core.segmentation import aggregate, gaussian_kernel
+
+    g = torch.Generator().manual_seed(3)
+    fine = torch.rand(2, 16, 77, generator=g)  # 4x4 layer: (uncond, cond) rows
+    coarse = torch.rand(2, 4, 77, generator=g)  # 2x2 layer, upsampled to 4x4
+    scores, fore = aggregate([fine, coarse], 4, aggregation="smooth_meannorm", foreground=True)
+    k = gaussian_kernel().numpy()
+
+    def layer(r):  # (2, L, 77) -> smoothed (2, 77, 4, 4), re-derived with numpy
+        side = int(r.shape[1] ** 0.5)
+        m = r.transpose(1, 2).reshape(2, 77, side, side)
+        if side != 4:
+            m = torch.nn.functional.interpolate(m, scale_factor=4 // side, mode="bilinear")
+        m = m.numpy()
+        out = np.zeros_like(m)
+        for b in range(2):
+            for c in range(77):
+                a = np.pad(m[b, c], 1, mode="reflect")
+                for i in range(4):
+                    for j in range(4):
+                        out[b, c, i, j] = (a[i:i + 3, j:j + 3] * k).sum()
+        return out
+
+    tok, pair = 0, 0
+    for r in (fine, coarse):
+        sm = layer(r)
+        tok = tok + sm[1] / (sm[1].mean(axis=(1, 2), keepdims=True) + 1e-8)
+        p = np.stack([sm[0, 0], sm[0, 1:].sum(0)])
+        pair = pair + p / p.mean(axis=(1, 2), keepdims=True)
+    torch.testing.assert_close(scores, torch.from_numpy(tok / 2).float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(fore, torch.from_numpy(pair[0] / 2 < pair[1] / 2))
+    assert fore.any() and not fore.all()
+
+
+def test_ties_are_kept_and_the_later_concept_wins():
+    from magicface_core.segmentation import regions_from_scores, token_tables
+
+    scores = torch.zeros(5, 1, 4)
+    scores[0, 0, 0] = 2.0  # <start> alone on top: background
+    scores[2, 0, 1] = 2.0  # concept 1 alone
+    scores[2, 0, 2] = scores[4, 0, 2] = 2.0  # concepts 1 and 2 tie: 2 (later) wins
+    scores[1, 0, 3] = scores[2, 0, 3] = 2.0  # a non-concept token ties with concept 1
+    tables = token_tables(5, [[2], [4]], None, 1.0)
+    hits, labels = regions_from_scores(scores, *tables)
+    assert labels.tolist() == [[0, 1, 2, 1]]
+    assert hits[:, 0, 3].tolist() == [False, True, True, False, False]
+    fg = torch.tensor([[True, True, False, True]])
+    hits, labels = regions_from_scores(scores, *tables, foreground=fg)
+    assert labels.tolist() == [[0, 1, 0, 1]] and not hits[:, 0, 2].any()
+
+
+def test_the_start_token_takes_the_background_when_all_tokens_compete():
+    # A prompt that is only the concept word: "prompt" tokens leave the word alone in
+    # the argmax (everything becomes the concept); with all 77 competing, <start> and
+    # padding keep the background.
+    cross, selfm = planted()
+    cross = cross.clone()
+    cross[:, 1] = 0  # no "a"
+    cross = cross / cross.sum(-1, keepdim=True)
+    only_word = latent_semantic_map([cross], [selfm], [[2], [4, 5]], size=8,
+                                    candidate_tokens=[2, 4, 5])
+    assert (only_word > 0).all()
+    every = latent_semantic_map([cross], [selfm], [[2], [4, 5]], size=8)
+    assert (every == 0).any() and (every > 0).any()
