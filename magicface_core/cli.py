@@ -93,15 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=0.4)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--preset", choices=("authors", "paper"), default="authors",
+                   help="authors: what the authors' code computes (the published images); "
+                        "paper: the paper's equations alone")
+    g.add_argument("--negative-prompt", default=None,
+                   help="default: the preset's (the authors' negative prompt, or none)")
     g.add_argument("--sam-checkpoint", default=None)
     g.add_argument("--sam-model-type", default="vit_h")
     g.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available)")
     g.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
     g.add_argument("--save-maps", type=Path, default=None,
                    help="write the final semantic map as a coloured overlay")
-    g.add_argument("--region-guidance", action="store_true")
-    g.add_argument("--ca-scale", type=float, default=1.0)
+    g.add_argument("--region-guidance", action=argparse.BooleanOptionalAction, default=None,
+                   help="region-adaptive CFG (default: the preset's; on under authors)")
+    g.add_argument("--ca-scale", type=float, default=None,
+                   help="weight of non-concept tokens in the semantic map (default: the "
+                        "preset's; authors: 0.9 for one concept, 0.6 for several)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (slow first image; falls back to eager)")
     g.add_argument("--fold-bias", action=argparse.BooleanOptionalAction, default=True,
@@ -123,7 +130,8 @@ def _generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         steps=args.steps, guidance_scale=args.guidance_scale, alpha=args.alpha,
         seed=args.seed, height=args.height or size, width=args.width or size,
-        negative_prompt=args.negative_prompt, sam_checkpoint=args.sam_checkpoint,
+        negative_prompt=args.negative_prompt, preset=args.preset,
+        sam_checkpoint=args.sam_checkpoint,
         sam_model_type=args.sam_model_type, region_guidance=args.region_guidance,
         ca_scale=args.ca_scale, return_semantic_maps=args.save_maps is not None,
     )

@@ -125,7 +125,8 @@ async def create_job(
         description="none, or one mask per concept (white = concept)")] = None,
     params: Annotated[str | None, Form(
         description="JSON: steps, guidance_scale, alpha, seed, negative_prompt, width, "
-                    "height")] = None,
+                    "height, preset ('authors' (default): the authors' code, which made "
+                    "the published images; 'paper': the equations alone), ca_scale")] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key",
                                                   max_length=200)] = None,
 ) -> JSONResponse:

@@ -11,6 +11,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,9 +39,16 @@ class Params(BaseModel):
     guidance_scale: float = Field(default=7.5, ge=0, le=50, allow_inf_nan=False)
     alpha: float = Field(default=0.4, ge=0, le=1, allow_inf_nan=False)
     seed: int = Field(default=0, ge=0, lt=2**63)
-    negative_prompt: str = Field(default="", max_length=1000)
+    # None: the preset's (the authors' negative prompt under "authors", "" under "paper").
+    negative_prompt: str | None = Field(default=None, max_length=1000)
     width: int = Field(default=512, ge=64)
     height: int = Field(default=512, ge=64)
+    # "authors" reproduces the code that made the published images; "paper" is the
+    # paper's equations alone.
+    preset: Literal["authors", "paper"] = "authors"
+    # Non-concept tokens' weight in the semantic map; None: the preset's (authors: 0.9
+    # for one concept, 0.6 for several; paper: 1).
+    ca_scale: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
 
 
 @dataclass
@@ -137,12 +145,18 @@ def parse_params(raw: str | None, settings: Settings) -> Params:
                            f"params.{name}: at most {settings.max_size}, got {v}")
     # The library's own checks (multiples of 8, ranges) are the source of truth.
     try:
-        GenerationConfig(steps=p.steps, guidance_scale=p.guidance_scale, alpha=p.alpha,
-                         seed=p.seed, negative_prompt=p.negative_prompt, width=p.width,
-                         height=p.height)
+        generation_config(p)
     except ValueError as e:
         raise ApiError(422, "invalid_params", f"params.{e}") from None
     return p
+
+
+def generation_config(p: Params, **extra) -> GenerationConfig:
+    """The library config of validated request parameters (the worker adds its own
+    settings through `extra`)."""
+    return GenerationConfig(steps=p.steps, guidance_scale=p.guidance_scale, alpha=p.alpha,
+                            seed=p.seed, negative_prompt=p.negative_prompt, width=p.width,
+                            height=p.height, preset=p.preset, ca_scale=p.ca_scale, **extra)
 
 
 def word_in_prompt(word: str, prompt: str) -> bool:

@@ -73,3 +73,20 @@ def test_cli_fold_bias_gives_the_same_image(tmp_path):
         assert rc == 0
         outs.append(np.asarray(Image.open(out)).astype(int))
     assert np.abs(outs[0] - outs[1]).max() <= 1
+
+
+def test_cli_preset_and_ca_scale(tmp_path):
+    paul = EXAMPLES / "Paul"
+    base = ["generate", "--tiny", "--prompt", "a man with a hat", "--steps", "3", "--seed", "2",
+            "--concept", f"man={paul / 'image/man.jpg'},mask={paul / 'mask/man.jpg'}",
+            "--concept", f"hat={paul / 'image/hat.jpg'},mask={paul / 'mask/hat.jpg'}"]
+    images = {}
+    for name, extra in {"authors": [], "paper": ["--preset", "paper"],
+                        "ca": ["--ca-scale", "1.0"]}.items():
+        out = tmp_path / f"{name}.png"
+        assert main([*base, "--out", str(out), *extra]) == 0
+        images[name] = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(images["authors"] - images["paper"]).max() > 10
+    assert np.abs(images["authors"] - images["ca"]).max() > 0
+    assert main([*base, "--out", str(tmp_path / "x.png"), "--ca-scale", "1.5"]) == 2
+    assert not (tmp_path / "x.png").exists()

@@ -75,7 +75,24 @@ def test_accepted_job_is_stored_and_queued(api):
     assert api.queue.count == 1
     rec = json.loads((api.store / f"jobs/{view['id']}/request.json").read_text())
     assert rec["prompt"] == "a man wearing a hat" and rec["params"]["steps"] == 3
+    # The authors' preset unless asked otherwise; its details resolve in the worker.
+    assert (rec["params"]["preset"], rec["params"]["ca_scale"]) == ("authors", None)
+    assert rec["params"]["negative_prompt"] is None
     assert api.get(f"/v1/jobs/{view['id']}").json()["id"] == view["id"]
+
+
+def test_preset_and_ca_scale_are_stored_for_the_worker(api):
+    r = post(api, params={"steps": 3, "preset": "paper", "ca_scale": 0.7})
+    assert r.status_code == 202
+    rec = json.loads((api.store / f"jobs/{r.json()['id']}/request.json").read_text())
+    assert (rec["params"]["preset"], rec["params"]["ca_scale"]) == ("paper", 0.7)
+    from service.validation import Params, generation_config
+
+    cfg = generation_config(Params.model_validate(rec["params"])).resolve(2)
+    assert (cfg.preset, cfg.ca_scale, cfg.region_guidance) == ("paper", 0.7, False)
+    # A record from before these fields existed still reads (as the defaults).
+    old = {k: v for k, v in rec["params"].items() if k not in ("preset", "ca_scale")}
+    assert generation_config(Params.model_validate(old)).preset == "authors"
 
 
 @pytest.mark.parametrize("kwargs,status,code,field", [
@@ -102,6 +119,9 @@ def test_accepted_job_is_stored_and_queued(api):
     (dict(params={"alpha": 1.5}), 422, "invalid_params", "params.alpha"),
     (dict(params={"nope": 1}), 422, "invalid_params", "params.nope"),
     (dict(params="[1, 2]"), 422, "invalid_params", "params"),
+    (dict(params={"preset": "fancy"}), 422, "invalid_params", "params.preset"),
+    (dict(params={"ca_scale": 0}), 422, "invalid_params", "params.ca_scale"),
+    (dict(params={"ca_scale": 1.5}), 422, "invalid_params", "params.ca_scale"),
     (dict(images=[png((1200, 1000)), png()], masks=[png((1200, 1000)), png()]), 413,
      "image_too_large", "images[0]"),
 ])

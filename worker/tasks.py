@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from redis import Redis
 from rq import get_current_job
 
@@ -26,6 +27,7 @@ from service.storage import (
     output_prefix,
     request_key,
 )
+from service.validation import Params, generation_config
 
 log = logging.getLogger("magicface.worker")
 
@@ -60,7 +62,7 @@ def _fail(job, code: str, message: str) -> JobFailed:
 def generate(job_id: str) -> dict:
     import torch
 
-    from magicface_core import Concept, GenerationConfig
+    from magicface_core import Concept
     from magicface_core.cli import overlay_semantic_map
 
     rt = RUNTIME
@@ -89,17 +91,15 @@ def generate(job_id: str) -> dict:
     except (StorageError, KeyError, ValueError) as e:
         raise _fail(job, "storage_error", f"could not read the job's inputs: {e}") from None
 
-    p = req["params"]
     try:
-        config = GenerationConfig(
-            steps=p["steps"], guidance_scale=p["guidance_scale"], alpha=p["alpha"],
-            seed=p["seed"], negative_prompt=p["negative_prompt"], width=p["width"],
-            height=p["height"], reference_seed=rt.settings.reference_seed,
+        # Records written before a field existed validate to its default.
+        config = generation_config(
+            Params.model_validate(req["params"]), reference_seed=rt.settings.reference_seed,
             sam_checkpoint=rt.settings.sam_checkpoint)
         concepts = [Concept(image=img, mask=m, word=c["word"], weight=c.get("weight", 3.0),
                             reference_prompt=c.get("reference_prompt"))
                     for c, img, m in zip(req["concepts"], images, masks, strict=True)]
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, ValidationError) as e:
         raise _fail(job, "invalid_input", str(e)) from None
 
     def on_step(step: int, total: int) -> None:
