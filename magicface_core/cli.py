@@ -1,4 +1,5 @@
-"""`magicface generate ...`: the method from the command line."""
+"""`magicface generate | run | eval`: the method, batches of examples and their metrics
+from the command line."""
 
 from __future__ import annotations
 
@@ -73,21 +74,23 @@ def overlay_semantic_map(image, labels, alpha: float = 0.5):
     return Image.fromarray(blend.round().astype(np.uint8))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="magicface", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="customize an image from reference concepts")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--concept", action="append", default=[], metavar="SPEC",
-                   help="word=IMAGE[,mask=MASK][,weight=W][,ref=TEXT][,box=x0:y0:x1:y1]; "
-                        "repeat per concept")
-    g.add_argument("--out", required=True, type=Path)
+def _model_options(g: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                      help="diffusers checkpoint: hub id or local folder")
     src.add_argument("--tiny", action="store_true",
                      help="random-weight tiny model (no download; the output is noise)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available)")
+    g.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (slow first image; falls back to eager)")
+    g.add_argument("--fold-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="carry the RSA/RBA bias in extra head dims (mask-free SDPA); "
+                        "--no-fold-bias passes it as a dense SDPA mask")
+
+
+def _sampling_options(g: argparse.ArgumentParser, seed_default: int | None) -> None:
+    g.add_argument("--seed", type=int, default=seed_default)
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance-scale", type=float, default=7.5)
     g.add_argument("--alpha", type=float, default=0.4)
@@ -100,41 +103,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the preset's (the authors' negative prompt, or none)")
     g.add_argument("--sam-checkpoint", default=None)
     g.add_argument("--sam-model-type", default="vit_h")
-    g.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available)")
-    g.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
-    g.add_argument("--save-maps", type=Path, default=None,
-                   help="write the final semantic map as a coloured overlay")
     g.add_argument("--region-guidance", action=argparse.BooleanOptionalAction, default=None,
                    help="region-adaptive CFG (default: the preset's; on under authors)")
     g.add_argument("--ca-scale", type=float, default=None,
                    help="weight of non-concept tokens in the semantic map (default: the "
                         "preset's; authors: 0.9 for one concept, 0.6 for several)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (slow first image; falls back to eager)")
-    g.add_argument("--fold-bias", action=argparse.BooleanOptionalAction, default=True,
-                   help="carry the RSA/RBA bias in extra head dims (mask-free SDPA); "
-                        "--no-fold-bias passes it as a dense SDPA mask")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="magicface", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="customize an image from reference concepts")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--concept", action="append", default=[], metavar="SPEC",
+                   help="word=IMAGE[,mask=MASK][,weight=W][,ref=TEXT][,box=x0:y0:x1:y1]; "
+                        "repeat per concept")
+    g.add_argument("--out", required=True, type=Path)
+    g.add_argument("--save-maps", type=Path, default=None,
+                   help="write the final semantic map as a coloured overlay")
+    _model_options(g)
+    _sampling_options(g, 0)
+
+    r = sub.add_parser("run", help="run example.json files with one model load; writes "
+                                   "the images and results.jsonl (what `eval` reads)")
+    r.add_argument("inputs", nargs="+", type=Path, metavar="EXAMPLE",
+                   help="an example.json, a folder holding one, or a folder of such folders")
+    r.add_argument("--out", required=True, type=Path, help="results folder")
+    _model_options(r)
+    _sampling_options(r, None)
+    r.set_defaults(save_maps=None)
+
+    e = sub.add_parser("eval", help="CLIP-T, CLIP-I, DINO and face similarity of results")
+    e.add_argument("results", type=Path,
+                   help="a results folder (results.jsonl or manifest.jsonl) or a manifest")
+    e.add_argument("--metrics", default="clip_t,clip_i,dino,face",
+                   help="comma-separated subset of clip_t, clip_i, dino, face")
+    e.add_argument("--clip-model", default=None, help="hub id or local folder")
+    e.add_argument("--dino-model", default=None, help="hub id or local folder")
+    e.add_argument("--face-model", default=None,
+                   help="facenet-pytorch weights name (vggface2, casia-webface) or a "
+                        "state-dict file")
+    e.add_argument("--device", default=None)
+    e.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     return p
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load_pipe(args: argparse.Namespace):
     import torch
-    from tqdm import tqdm
 
-    from . import Concept, GenerationConfig, MagicFacePipeline
+    from . import MagicFacePipeline
 
-    concepts = [Concept(**parse_concept(s)) for s in args.concept]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    size = 128 if args.tiny else 512
-    config = GenerationConfig(
-        steps=args.steps, guidance_scale=args.guidance_scale, alpha=args.alpha,
-        seed=args.seed, height=args.height or size, width=args.width or size,
-        negative_prompt=args.negative_prompt, preset=args.preset,
-        sam_checkpoint=args.sam_checkpoint,
-        sam_model_type=args.sam_model_type, region_guidance=args.region_guidance,
-        ca_scale=args.ca_scale, return_semantic_maps=args.save_maps is not None,
-    )
     if args.tiny:
         print("magicface: --tiny uses random weights: the whole method runs, but the "
               "image is noise, not a picture.", file=sys.stderr)
@@ -146,10 +166,37 @@ def _generate(args: argparse.Namespace) -> int:
     pipe.fold_attention_bias = args.fold_bias
     if args.compile:
         pipe.enable_compile()
+    return pipe
+
+
+def _config(args: argparse.Namespace, seed: int, save_maps: bool):
+    from . import GenerationConfig
+
+    size = 128 if args.tiny else 512
+    return GenerationConfig(
+        steps=args.steps, guidance_scale=args.guidance_scale, alpha=args.alpha,
+        seed=seed, height=args.height or size, width=args.width or size,
+        negative_prompt=args.negative_prompt, preset=args.preset,
+        sam_checkpoint=args.sam_checkpoint,
+        sam_model_type=args.sam_model_type, region_guidance=args.region_guidance,
+        ca_scale=args.ca_scale, return_semantic_maps=save_maps,
+    )
+
+
+def _sample(pipe, prompt, concepts, config):
+    from tqdm import tqdm
 
     with tqdm(total=config.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
-        res = pipe.generate(args.prompt, concepts, config,
-                            on_step=lambda step, total: bar.update(1))
+        return pipe.generate(prompt, concepts, config, on_step=lambda step, total: bar.update(1))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from . import Concept
+
+    concepts = [Concept(**parse_concept(s)) for s in args.concept]
+    config = _config(args, args.seed, args.save_maps is not None)
+    pipe = _load_pipe(args)
+    res = _sample(pipe, args.prompt, concepts, config)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     res.image.save(args.out)
     print(f"wrote {args.out}")
@@ -163,13 +210,130 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_examples(inputs: list[Path]) -> list[Path]:
+    """example.json files named by `inputs` (files, folders holding one, or folders of
+    such folders), in order, each once."""
+    found: list[Path] = []
+    for p in inputs:
+        if p.is_file():
+            found.append(p)
+        elif (p / "example.json").is_file():
+            found.append(p / "example.json")
+        elif p.is_dir():
+            inner = sorted(p.glob("*/example.json"))
+            if not inner:
+                raise ValueError(f"{p}: no example.json in it or in its subfolders")
+            found.extend(inner)
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    out, seen = [], set()
+    for f in found:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            out.append(f)
+    return out
+
+
+def _read_example(path: Path) -> tuple[str, list, dict]:
+    import json
+
+    from . import Concept
+
+    try:
+        data = json.loads(path.read_text())
+        concepts = []
+        for c in data["concepts"]:
+            spec = {k: c[k] for k in ("word", "weight", "reference_prompt") if k in c}
+            for key in ("image", "mask"):
+                if c.get(key):
+                    spec[key] = str(path.parent / c[key])
+            concepts.append(Concept(**spec))
+        return data["prompt"], concepts, data
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not an example.json ({e})") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import time
+
+    examples = find_examples(args.inputs)
+    jobs = []
+    for path in examples:  # every input is read and checked before the model loads
+        prompt, concepts, data = _read_example(path)
+        name = path.parent.name if path.name == "example.json" else path.stem
+        seed = args.seed if args.seed is not None else int(data.get("seed", 0))
+        jobs.append((name, path, prompt, concepts, data, _config(args, seed, False)))
+    names = [j[0] for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two examples share a name: {names}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = _load_pipe(args)
+    lines = []
+    for i, (name, path, prompt, concepts, data, config) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {name}: {prompt}", file=sys.stderr)
+        started = time.perf_counter()
+        res = _sample(pipe, prompt, concepts, config)
+        seconds = time.perf_counter() - started
+        res.image.save(args.out / f"{name}.png")
+
+        def rel(p: str, base: Path = path.parent) -> str:
+            return os.path.relpath(base / p, args.out)
+
+        lines.append({
+            "name": name, "image": f"{name}.png", "prompt": prompt, "example": rel(path.name),
+            "concepts": [{"word": c["word"], "image": rel(c["image"]),
+                          **({"mask": rel(c["mask"])} if c.get("mask") else {}),
+                          **({"face": c["face"]} if "face" in c else {})}
+                         for c in data["concepts"]],
+            "seed": config.seed, "preset": config.preset, "seconds": round(seconds, 3),
+        })
+    (args.out / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    print(f"wrote {len(lines)} images and {args.out / 'results.jsonl'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from .evaluation import (
+        DEFAULT_CLIP,
+        DEFAULT_DINO,
+        DEFAULT_FACENET,
+        Evaluator,
+        load_manifest,
+        report_json,
+    )
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    items = load_manifest(args.results)
+    ev = Evaluator(metrics, clip=args.clip_model or DEFAULT_CLIP,
+                   dino=args.dino_model or DEFAULT_DINO,
+                   facenet=args.face_model or DEFAULT_FACENET, device=args.device or "cpu")
+    with tqdm(total=len(items), desc="evaluating", unit="image", file=sys.stderr) as bar:
+        report = ev.evaluate(items, progress=lambda item: bar.update(1))
+    print(report.table())
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report_json(report, ev), indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
-    except ValueError as e:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "eval":
+            return _eval(args)
+    except (ValueError, ImportError) as e:
         print(f"magicface: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a checkpoint that cannot be found or read

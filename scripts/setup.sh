@@ -12,3 +12,9 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 .venv/bin/pip install -q -e ".[test]"
+# `magicface eval`'s face metric: facenet-pytorch's metadata pins torch<2.3 and an old
+# Pillow, which would downgrade the environment; its code runs on current releases, so
+# it goes in without its (already present) dependencies.
+if ! .venv/bin/python -c "import facenet_pytorch" 2>/dev/null; then
+    .venv/bin/pip install -q --no-deps "facenet-pytorch==2.6.0"
+fi
