@@ -128,6 +128,9 @@ def measure(fn, device, repeats: int, warmup: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--preset", choices=("authors", "paper"), default="authors",
+                   help="the method's preset (runs 1-4 predate presets: they timed what is "
+                        "now 'paper')")
     p.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke runs)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--steps", type=int, default=50)
@@ -198,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     cfg = GenerationConfig(steps=args.steps, guidance_scale=7.5, alpha=0.4, seed=1,
-                           height=size, width=size, return_semantic_maps=False)
+                           height=size, width=size, return_semantic_maps=False,
+                           preset=args.preset)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
         or "cpu",
         "torch": torch.__version__, "dtype": str(dtype), "size": size, "steps": args.steps,
+        "preset": args.preset,
         "model": "tiny" if args.tiny else "SD1.5 architecture, random weights",
         "repeats": args.repeats, "fuse_qkv": args.fuse_qkv,
         "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
