@@ -388,10 +388,12 @@ class AttentionState:
         return self.record_maps and tokens <= self.map_hw[0] * self.map_hw[1]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        # A slice, not a list index: indexing by a list copies the index to the device,
+        # which a CUDA graph cannot capture.
         rows = self.map_rows or (self.cond_row,)
-        if len(rows) == 1:
-            return x[rows[0] : rows[0] + 1]
-        return x[list(rows)]
+        if tuple(rows) != tuple(range(rows[0], rows[-1] + 1)):
+            raise ValueError(f"map_rows must be consecutive batch rows, got {rows}")
+        return x[rows[0] : rows[-1] + 1]
 
     def record_cross_map(self, block: str, q: torch.Tensor, k: torch.Tensor,
                          scale: float) -> None:

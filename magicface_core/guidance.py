@@ -43,8 +43,9 @@ def region_guidance_rate(
     rate_t = fore_norm * (area > 0).float() / (token_norm + 1e-8)  # (T,)
     rate = (rate_t[:, None, None] * regions).sum(dim=0, keepdim=True)  # (1, H, W)
     rate = rate.clamp(lo, hi)
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=rate.device)
-    rate = torch.minimum(rate, cap / scale)
+    limit = cap / scale  # a device tensor in the fast loop: no host value is read
+    rate = torch.minimum(rate, limit) if isinstance(limit, torch.Tensor) else rate.clamp(
+        max=limit)
     return smooth(rate[None])
 
 
