@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["Components", "load_components", "tiny_components", "write_tiny_tokenizer",
-           "TINY_WORDS", "save_components"]
+           "TINY_WORDS", "save_components", "sharpen_attention"]
 
 # Whole-word tokens in the tiny tokenizer; every other word falls back to one token
 # per character, so the tests see both single- and multi-token concept words.
@@ -119,17 +119,23 @@ def tiny_components(seed: int = 0) -> Components:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
-    # Random projections give near-uniform attention maps, so the semantic map's argmax
-    # would be decided by float rounding. A trained model's maps are peaked; scaling
-    # the query projections makes the tiny model's peaked too (tests then compare the
-    # method, not rounding noise).
-    with torch.no_grad():
-        for name, module in unet.named_modules():
-            if name.endswith(("attn1", "attn2")):
-                module.to_q.weight.mul_(TINY_QUERY_GAIN)
+    sharpen_attention(unet)
     for m in (unet, vae, text_encoder):
         m.eval()
     return Components(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def sharpen_attention(unet: torch.nn.Module, gain: float = TINY_QUERY_GAIN) -> None:
+    """Scale a random-weight UNet's query projections by `gain`.
+
+    Random projections give near-uniform attention maps, so the semantic map's argmax
+    would be decided by float rounding. A trained model's maps are peaked; this makes
+    a random one's peaked too, so tests compare the method, not rounding noise.
+    """
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith(("attn1", "attn2")):
+                module.to_q.weight.mul_(gain)
 
 
 def _is_local(model: str) -> bool:

@@ -33,12 +33,12 @@ def test_overlay_tints_only_concept_regions():
 
 
 def test_cli_generates_image_and_maps(tmp_path, capsys):
-    paul = EXAMPLES / "Paul"
+    trio = EXAMPLES / "trio"
     out, maps = tmp_path / "out.png", tmp_path / "maps.png"
     rc = main(["generate", "--tiny", "--prompt", "a man with a hat", "--steps", "3",
-               "--concept", f"man={paul / 'image/man.jpg'},mask={paul / 'mask/man.jpg'},"
+               "--concept", f"man={trio / 'man.jpg'},mask={trio / 'man_mask.jpg'},"
                             "weight=2.5,ref=a man",
-               "--concept", f"hat={paul / 'image/hat.jpg'},mask={paul / 'mask/hat.jpg'}",
+               "--concept", f"hat={trio / 'hat.jpg'},mask={trio / 'hat_mask.jpg'}",
                "--out", str(out), "--save-maps", str(maps), "--seed", "4"])
     assert rc == 0
     assert Image.open(out).size == (128, 128)
@@ -48,11 +48,11 @@ def test_cli_generates_image_and_maps(tmp_path, capsys):
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
-    paul = EXAMPLES / "Paul"
+    trio = EXAMPLES / "trio"
     proc = subprocess.run(
         [sys.executable, "-m", "magicface_core.cli", "generate", "--tiny", "--prompt",
          "a man", "--steps", "2", "--concept",
-         f"scarf={paul / 'image/man.jpg'},mask={paul / 'mask/man.jpg'}",
+         f"scarf={trio / 'man.jpg'},mask={trio / 'man_mask.jpg'}",
          "--out", str(tmp_path / "x.png")],
         capture_output=True, text=True, timeout=300,
     )
@@ -62,13 +62,13 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
 
 
 def test_cli_fold_bias_gives_the_same_image(tmp_path):
-    paul = EXAMPLES / "Paul"
+    trio = EXAMPLES / "trio"
     outs = []
     for extra in ([], ["--no-fold-bias"]):
         out = tmp_path / f"out{len(extra)}.png"
         rc = main(["generate", "--tiny", "--prompt", "a man with a hat", "--steps", "3",
-                   "--concept", f"man={paul / 'image/man.jpg'},mask={paul / 'mask/man.jpg'}",
-                   "--concept", f"hat={paul / 'image/hat.jpg'},mask={paul / 'mask/hat.jpg'}",
+                   "--concept", f"man={trio / 'man.jpg'},mask={trio / 'man_mask.jpg'}",
+                   "--concept", f"hat={trio / 'hat.jpg'},mask={trio / 'hat_mask.jpg'}",
                    "--out", str(out), "--seed", "2", *extra])
         assert rc == 0
         outs.append(np.asarray(Image.open(out)).astype(int))
@@ -76,10 +76,10 @@ def test_cli_fold_bias_gives_the_same_image(tmp_path):
 
 
 def test_cli_preset_and_ca_scale(tmp_path):
-    paul = EXAMPLES / "Paul"
+    trio = EXAMPLES / "trio"
     base = ["generate", "--tiny", "--prompt", "a man with a hat", "--steps", "3", "--seed", "2",
-            "--concept", f"man={paul / 'image/man.jpg'},mask={paul / 'mask/man.jpg'}",
-            "--concept", f"hat={paul / 'image/hat.jpg'},mask={paul / 'mask/hat.jpg'}"]
+            "--concept", f"man={trio / 'man.jpg'},mask={trio / 'man_mask.jpg'}",
+            "--concept", f"hat={trio / 'hat.jpg'},mask={trio / 'hat_mask.jpg'}"]
     images = {}
     for name, extra in {"authors": [], "paper": ["--preset", "paper"],
                         "ca": ["--ca-scale", "1.0"]}.items():

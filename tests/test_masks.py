@@ -30,7 +30,7 @@ def test_transparent_pixels_are_outside():
 def test_jpeg_masks_keep_their_edges():
     # The examples' masks are JPEGs: the exact-255 rule of the authors' code drops
     # compression-noisy pixels; the 50% threshold keeps them.
-    m = Image.open(EXAMPLES / "Paul" / "mask" / "hat.jpg")
+    m = Image.open(EXAMPLES / "trio" / "hat_mask.jpg")
     grey = np.asarray(m.convert("L"))
     ours = binarize_mask(m).sum()
     assert ours > 0

@@ -10,8 +10,9 @@ from PIL import Image
 
 from magicface_core import Concept, GenerationConfig, MagicFacePipeline
 from magicface_core.attention import MagicFaceAttnProcessor
+from magicface_core.models import sharpen_attention
 
-from .conftest import example_concepts, mask_image, noise_image, solid
+from .conftest import assert_latents_close, example_concepts, mask_image, noise_image, solid
 
 
 def sd_pipeline(pipe: MagicFacePipeline):
@@ -58,13 +59,12 @@ def test_empty_masks_have_no_effect(pipe, small_config, preset, extra):
     ]
     for alpha in (0.0, 0.4, 1.0):
         masked_out = pipe.generate(prompt, concepts, cfg.replace(alpha=alpha))
-        # Hidden reference keys still lengthen the softmax: float noise only.
-        torch.testing.assert_close(masked_out.latents, base.latents, atol=5e-5, rtol=1e-4)
+        assert_latents_close(masked_out.latents, base.latents)
         assert len(masked_out.semantic_maps) == small_config.steps
 
 
 def test_references_change_the_image_through_their_masks(pipe, small_config):
-    prompt, concepts = example_concepts("Paul")
+    prompt, concepts = example_concepts("trio")
     base = pipe.generate(prompt, [], small_config)
     res = pipe.generate(prompt, concepts, small_config)
     assert res.image.size == (128, 128)
@@ -79,7 +79,7 @@ def test_references_change_the_image_through_their_masks(pipe, small_config):
 
 
 def test_same_seed_same_image_different_seed_different_image(pipe, small_config):
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     a = pipe.generate(prompt, concepts, small_config)
     b = pipe.generate(prompt, concepts, small_config)
     c = pipe.generate(prompt, concepts, small_config.replace(seed=8))
@@ -90,7 +90,7 @@ def test_same_seed_same_image_different_seed_different_image(pipe, small_config)
 
 
 def test_reference_seed_changes_only_the_reference_noise(pipe, small_config):
-    prompt, concepts = example_concepts("Paul", limit=1)
+    prompt, concepts = example_concepts("trio", limit=1)
     a = pipe.generate(prompt, concepts, small_config.replace(reference_seed=1))
     b = pipe.generate(prompt, concepts, small_config.replace(reference_seed=2))
     assert not torch.allclose(a.latents, b.latents)
@@ -98,7 +98,7 @@ def test_reference_seed_changes_only_the_reference_noise(pipe, small_config):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_rba_only_and_rsa_only_run(pipe, small_config, alpha):
-    prompt, concepts = example_concepts("Cartoon")
+    prompt, concepts = example_concepts("synthetic")
     res = pipe.generate(prompt, concepts, small_config.replace(alpha=alpha))
     # alpha 0 under the authors' rule still runs step 0 with RSA (no map exists yet).
     assert res.rsa_steps == (small_config.steps if alpha == 1.0 else 1)
@@ -109,14 +109,14 @@ def test_rba_only_and_rsa_only_run(pipe, small_config, alpha):
 
 
 def test_stage_split_changes_the_result(pipe, small_config):
-    prompt, concepts = example_concepts("Cartoon")
+    prompt, concepts = example_concepts("synthetic")
     rsa_only = pipe.generate(prompt, concepts, small_config.replace(alpha=1.0))
     rba_only = pipe.generate(prompt, concepts, small_config.replace(alpha=0.0))
     assert not torch.allclose(rsa_only.latents, rba_only.latents, atol=1e-5)
 
 
 def test_on_step_reports_every_step_and_an_exception_aborts_cleanly(pipe, small_config):
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     before = dict(pipe.unet.attn_processors)
     seen = []
     pipe.generate(prompt, concepts, small_config, on_step=lambda s, n: seen.append((s, n)))
@@ -138,13 +138,13 @@ def test_on_step_reports_every_step_and_an_exception_aborts_cleanly(pipe, small_
 
 
 def test_no_guidance_with_concepts(pipe, small_config):
-    prompt, concepts = example_concepts("Paul", limit=1)
+    prompt, concepts = example_concepts("trio", limit=1)
     res = pipe.generate(prompt, concepts, small_config.replace(guidance_scale=1.0))
     assert np.isfinite(res.latents.numpy()).all()
 
 
 def test_optional_extras_run_and_change_the_result(pipe, small_config):
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     base = pipe.generate(prompt, concepts, small_config.replace(region_guidance=False))
     rg = pipe.generate(prompt, concepts, small_config.replace(region_guidance=True))
     assert not torch.allclose(rg.latents, base.latents)
@@ -155,7 +155,7 @@ def test_optional_extras_run_and_change_the_result(pipe, small_config):
 
 
 def test_non_square_size(pipe):
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     res = pipe.generate(prompt, concepts, GenerationConfig(steps=3, height=128, width=192))
     assert res.image.size == (192, 128)
     assert res.semantic_maps[-1].shape == (8, 12)
@@ -180,7 +180,7 @@ def test_saved_tiny_model_loads_back_through_from_pretrained(pipe, small_config,
     assert (path / "model_index.json").is_file()
     loaded = MagicFacePipeline.from_pretrained(str(path), device="cpu")
     assert loaded.dtype == torch.float32
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     a = pipe.generate(prompt, concepts, small_config)
     b = loaded.generate(prompt, concepts, small_config)
     torch.testing.assert_close(a.latents, b.latents, atol=1e-6, rtol=1e-6)
@@ -203,8 +203,9 @@ def test_sd2_style_unet(small_config):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=4,
         cross_attention_dim=16, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True,
     ).eval()
+    sharpen_attention(unet)  # as the tiny model's: peaked maps, not rounding-decided ones
     pipe = MagicFacePipeline(unet, sd1.vae, sd1.text_encoder, sd1.tokenizer, sd1.scheduler)
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     res = pipe.generate(prompt, concepts, small_config)
     assert np.isfinite(res.latents.numpy()).all()
     # Per-level head dims differ from SD1.5's: the folded bias (the default) reads them
@@ -213,8 +214,8 @@ def test_sd2_style_unet(small_config):
     assert pipe.fold_attention_bias
     pipe.fold_attention_bias = False
     dense = pipe.generate(prompt, concepts, small_config)
-    torch.testing.assert_close(dense.latents, slow.latents, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(res.latents, slow.latents, atol=2e-5, rtol=1e-4)
+    assert_latents_close(dense.latents, slow.latents)
+    assert_latents_close(res.latents, slow.latents)
 
 
 def test_solid_reference_with_full_mask_runs(pipe, small_config):

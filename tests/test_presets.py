@@ -108,7 +108,7 @@ def test_text_to_image_is_plain_stable_diffusion_under_both_presets(preset, guid
 
 
 def test_the_presets_differ_with_concepts(pipe, small_config):
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     a = pipe.generate(prompt, concepts, small_config)
     p = pipe.generate(prompt, concepts, small_config.replace(preset="paper"))
     assert not torch.allclose(a.latents, p.latents, atol=1e-3)
@@ -117,7 +117,7 @@ def test_the_presets_differ_with_concepts(pipe, small_config):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_explicit_noise_reproduces_a_run(pipe, small_config, fast):
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     cfg = small_config.replace(fast_path=fast)
     g = torch.Generator().manual_seed(11)
     z_t = torch.randn(1, 4, 16, 16, generator=g)
@@ -137,7 +137,7 @@ def test_explicit_noise_reproduces_a_run(pipe, small_config, fast):
 def test_the_seeded_draws_given_explicitly_give_the_seeded_run(pipe, small_config, fast):
     from diffusers.utils.torch_utils import randn_tensor
 
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     cfg = small_config.replace(fast_path=fast)
     seeded = pipe.generate(prompt, concepts, cfg)
     z_t = randn_tensor((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(cfg.seed))
@@ -150,7 +150,7 @@ def test_the_seeded_draws_given_explicitly_give_the_seeded_run(pipe, small_confi
 def test_explicit_noise_is_part_of_the_cache_key(small_config):
     pipe = MagicFacePipeline.tiny(seed=0)
     cache = pipe.enable_kv_cache()
-    prompt, concepts = example_concepts("Paul", limit=1)
+    prompt, concepts = example_concepts("trio", limit=1)
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(small_config.steps, 1, 4, 16, 16, generator=g)
     first = pipe.generate(prompt, concepts, small_config, reference_noise=noise)
@@ -162,7 +162,7 @@ def test_explicit_noise_is_part_of_the_cache_key(small_config):
 
 
 def test_explicit_noise_shapes_are_checked(pipe, small_config):
-    prompt, concepts = example_concepts("Paul", limit=2)
+    prompt, concepts = example_concepts("trio", limit=2)
     with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 16, 16\)"):
         pipe.generate(prompt, concepts, small_config, latents=torch.zeros(1, 4, 8, 8))
     with pytest.raises(ValueError, match=r"reference_noise must have shape \(5, 2, 4, 16, 16\)"):

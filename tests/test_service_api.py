@@ -18,7 +18,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.storage import LocalStorage
 
-from .conftest import example
+from .conftest import EXAMPLES, SHARED_EXAMPLES, example, shared_example_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,10 +196,10 @@ def test_api_keys(redis_db, redis_server, tmp_path):
         assert r.status_code == 404
 
 
-@pytest.mark.parametrize("name", ["Cartoon", "Mone_Lisa", "Monroe", "Painting", "Paul",
-                                  "Sketch"])
-def test_shared_examples_are_accepted(redis_db, redis_server, tmp_path, name):
-    data = example(name)
+@pytest.mark.parametrize("root,name", [(EXAMPLES, n) for n in ("synthetic", "trio", "solo")]
+                         + [(SHARED_EXAMPLES, n) for n in shared_example_names()])
+def test_examples_are_accepted(redis_db, redis_server, tmp_path, root, name):
+    data = example(name, root)
     app = create_app(Settings(redis_url=redis_server), storage=LocalStorage(tmp_path))
     concepts = [{k: c[k] for k in ("word", "weight", "reference_prompt")}
                 for c in data["concepts"]]

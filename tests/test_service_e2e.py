@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import paul_job
+from .conftest import trio_job
 from .stack import Stack
 
 SMALL = {"steps": 4, "width": 128, "height": 128, "seed": 11}
@@ -43,7 +43,7 @@ def test_readyz_needs_a_worker(file_stack):
 
 def test_two_concept_job_with_file_storage(file_stack, tmp_path):
     file_stack.start_worker()
-    job = paul_job(2)
+    job = trio_job(2)
     r = file_stack.submit(job["prompt"], job["concepts"], job["images"], job["masks"], SMALL)
     assert r.status_code == 202, r.text
     view = r.json()
@@ -70,7 +70,7 @@ def test_two_concept_job_with_file_storage(file_stack, tmp_path):
 
 def test_cache_hit_gives_the_same_image(file_stack):
     file_stack.start_worker()
-    job = paul_job(2)
+    job = trio_job(2)
     first = file_stack.wait(file_stack.submit_job(job, SMALL)["id"])
     second = file_stack.wait(file_stack.submit_job(job, SMALL)["id"])
     assert first["cache"] == {"hits": 0, "misses": 2}
@@ -90,7 +90,7 @@ def test_cache_hit_gives_the_same_image(file_stack):
 
 def test_cancel_queued_and_running_jobs(file_stack):
     file_stack.start_worker()
-    job = paul_job(1)
+    job = trio_job(1)
     running = file_stack.submit_job(job, LONG)
     queued = file_stack.submit_job(job, SMALL)
     file_stack.wait(running["id"], statuses=("running",), min_step=1, timeout=60)
@@ -117,7 +117,7 @@ def test_cancel_queued_and_running_jobs(file_stack):
 
 def test_killed_worker_fails_its_job_with_worker_lost(file_stack):
     worker = file_stack.start_worker()
-    job = paul_job(1)
+    job = trio_job(1)
     victim = file_stack.submit_job(job, LONG)
     waiting = file_stack.submit_job(job, SMALL)
     file_stack.wait(victim["id"], statuses=("running",), min_step=1, timeout=60)
@@ -143,7 +143,7 @@ def test_two_concept_job_with_s3_storage(redis_db, redis_server, s3_endpoint, tm
     try:
         stack.start_gateway()
         stack.start_worker()
-        job = paul_job(2)
+        job = trio_job(2)
         view = stack.submit_job(job, SMALL)
         done = stack.wait(view["id"])
         assert done["status"] == "succeeded", (done, stack.log("worker0"))

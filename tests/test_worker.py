@@ -15,7 +15,7 @@ from service.storage import LocalStorage, StorageError, input_key, request_key
 from worker import tasks
 from worker.worker import MagicFaceWorker
 
-from .conftest import paul_job
+from .conftest import trio_job
 
 
 class OOMOnce:
@@ -32,7 +32,7 @@ class OOMOnce:
 
 
 def submit(storage, queue, prompt=None, concepts=None, steps=2):
-    job = paul_job(2)
+    job = trio_job(2)
     job_id = jobs.new_job_id()
     record = {"prompt": prompt or job["prompt"], "concepts": concepts or job["concepts"],
               "params": {"steps": steps, "guidance_scale": 7.5, "alpha": 0.4, "seed": 1,
