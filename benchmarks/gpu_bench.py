@@ -34,7 +34,12 @@ from attention_bench import int_list  # noqa: E402
 from authors_pattern import run_authors_pattern  # noqa: E402
 
 from magicface_core import Concept, GenerationConfig, MagicFacePipeline  # noqa: E402
-from magicface_core.models import Components, tiny_components, write_tiny_tokenizer  # noqa: E402
+from magicface_core.models import (  # noqa: E402
+    Components,
+    sharpen_attention,
+    tiny_components,
+    write_tiny_tokenizer,
+)
 
 PROMPT = "a man with a hat wearing sunglasses"
 # Inductor settings commonly used for diffusion UNets (no triton.cudagraphs: the fast
@@ -59,6 +64,7 @@ def sd15_components(device: torch.device, dtype: torch.dtype) -> Components:
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
+        sharpen_attention(unet)  # peaked maps, so the bias-form checks compare like a model
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
             block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512,
