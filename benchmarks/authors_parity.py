@@ -38,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from magicface_core import Concept, GenerationConfig, MagicFacePipeline  # noqa: E402
+from magicface_core import Concept, GenerationConfig, MagicFacePipeline, load_pipeline  # noqa: E402,E501
 from magicface_core.config import AUTHORS_NEGATIVE_PROMPT  # noqa: E402
 
 PROMPT = "a man with a hat wearing a vase"
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
-    ours = MagicFacePipeline.tiny(seed=0)
+    ours = load_pipeline("tiny", device="cpu")
     authors = Authors(load_authors(args.authors_repo), ours)
     rows = []
     for n, alpha, ca in itertools.product((1, 2, 3), (0.4, 0.0), (0.6, 0.9, 0.95)):

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from magicface_core.attention import grid_for_tokens, masks_for_grid, rsa_bias
+from magicface_core.attention import masks_for_grid, rsa_bias
 from magicface_core.reference import encode_latents, noised_reference_latents
+from magicface_core.sampling.prepare import encode_prompt, prompt_positions
 from magicface_core.segmentation import latent_semantic_map
+from magicface_core.unet_layout import grid_for_tokens, is_reference_layer
 
 
 class ExplicitAttnProcessor:
@@ -75,8 +77,10 @@ def run_authors_pattern(pipe, prompt, refs, concept_tokens, config):
     latents = torch.randn(1, 4, *latent_hw, generator=g).to(device)
     ref_lat = encode_latents(vae, torch.cat([r.pixels for r in refs]))
     noisy = noised_reference_latents(sched, ref_lat, sched.timesteps, config.seed)
-    uncond = pipe.encode_prompt([""] * (1 + n))
-    cond = pipe.encode_prompt([prompt] + [r.prompt for r in refs])
+    uncond = encode_prompt(pipe.text_encoder, pipe.tokenizer, [""] * (1 + n), device,
+                           pipe.dtype)
+    cond = encode_prompt(pipe.text_encoder, pipe.tokenizer, [prompt] + [r.prompt for r in refs],
+                         device, pipe.dtype)
     embeds = torch.cat([uncond, cond])
     ctx = {"n": n, "latent_hw": latent_hw, "map_tokens": map_hw[0] * map_hw[1],
            "cross": {}, "self": {}, "bias": {}}
@@ -90,11 +94,10 @@ def run_authors_pattern(pipe, prompt, refs, concept_tokens, config):
     procs = {}
     for key in original:
         name = key.removesuffix(".processor")
-        modified = name.endswith("attn1") and any(
-            name.startswith(p + ".") for p in config.reference_layers)
-        procs[key] = ExplicitAttnProcessor(name, ctx, modified)
+        procs[key] = ExplicitAttnProcessor(name, ctx,
+                                           is_reference_layer(name, config.reference_layers))
     unet.set_attn_processor(procs)
-    positions = pipe._prompt_positions(prompt)
+    positions = prompt_positions(pipe.tokenizer, prompt)
     try:
         for i, t in enumerate(sched.timesteps):
             ctx["cross"].clear()

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def fresh() -> None:
         # Each case measures its own graphs and buffers: drop the previous case's.
-        pipe._fast.plans.clear()
+        pipe.clear_plans()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda r=refs, t=tokens: run_authors_pattern(pipe32, PROMPT, r, t, cfg),
                 a_rep, 1)
     pipe.to(dtype=dtype)
-    pipe._fast.plans.clear()
+    pipe.clear_plans()
 
     # Vanilla diffusers.
     from diffusers import StableDiffusionPipeline
@@ -366,12 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                 use_bias(pipe, bias)
                 fresh()
                 if attempt(name, lambda c=cs: pipe.generate(PROMPT, c, cfg), rep, 2):
-                    result["cases"][name]["inductor_active"] = pipe._fast.compiled
+                    result["cases"][name]["inductor_active"] = pipe.is_compiled
                     save()
             pipe.kv_cache = None
         # The profile below reads the eager kernels (of the fused projections, if the
         # fused section ran).
-        pipe._fast.unet_call, pipe._fast.compiled = pipe.unet, False
+        pipe.disable_compile()
         result["profile_fused_qkv"] = len(sections) > 1 or args.fuse_qkv
 
     if args.profile and not over_budget():
@@ -426,14 +426,13 @@ def sync_check(pipe, cfg: GenerationConfig, result: dict) -> None:
         use_bias(pipe, "folded" if fold else "dense")
         label = ("graph" if graphs else "eager") + (" [folded]" if fold else "")
         pipe.generate(PROMPT, references(2), cfg)
-        pipe._fast.check_syncs = True
         try:
-            pipe.generate(PROMPT, references(2), cfg)
+            with pipe.sync_check():
+                pipe.generate(PROMPT, references(2), cfg)
             checks[label] = "no sync in the step loop"
         except RuntimeError as e:
             checks[label] = f"sync found: {e}"[:300]
         finally:
-            pipe._fast.check_syncs = False
             torch.cuda.set_sync_debug_mode(0)
     result["sync_check"] = checks
     print("sync check:", checks, flush=True)

@@ -7,16 +7,18 @@ them); the pipeline loads torch and diffusers on first use.
 from typing import TYPE_CHECKING
 
 from .config import Concept, GenerationConfig
+from .errors import MagicFaceInputError
 
 if TYPE_CHECKING:
-    from .pipeline import MagicFacePipeline, MagicFaceResult
+    from .pipeline import MagicFacePipeline, MagicFaceResult, load_pipeline
 
-__all__ = ["Concept", "GenerationConfig", "MagicFacePipeline", "MagicFaceResult"]
+__all__ = ["Concept", "GenerationConfig", "MagicFaceInputError", "MagicFacePipeline",
+           "MagicFaceResult", "load_pipeline"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("MagicFacePipeline", "MagicFaceResult"):
+    if name in ("MagicFacePipeline", "MagicFaceResult", "load_pipeline"):
         from . import pipeline
 
         return getattr(pipeline, name)

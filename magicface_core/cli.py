@@ -151,18 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_pipe(args: argparse.Namespace):
     import torch
 
-    from . import MagicFacePipeline
+    from .pipeline import load_pipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.tiny:
         print("magicface: --tiny uses random weights: the whole method runs, but the "
               "image is noise, not a picture.", file=sys.stderr)
-        pipe = MagicFacePipeline.tiny(seed=0, device=device)
-        if dtype is not None:
-            pipe.to(dtype=dtype)
-    else:
-        pipe = MagicFacePipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    pipe = load_pipeline("tiny" if args.tiny else args.model, device=args.device,
+                         dtype=getattr(torch, args.dtype) if args.dtype else None)
     pipe.fold_attention_bias = args.fold_bias
     if args.compile:
         pipe.enable_compile()

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from .errors import MagicFaceInputError
+
 # The decoder self-attention layers at 32x32 and 64x64 for a 512x512 SD1.x/2.x
 # image: the paper's "blocks 5 and 6" (down1..3, mid, up1..3 counted from 0).
 DEFAULT_REFERENCE_LAYERS: tuple[str, ...] = (
@@ -67,9 +69,9 @@ _CHOICES = {
 
 def _check_finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+        raise MagicFaceInputError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise MagicFaceInputError(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
@@ -133,64 +135,68 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int):
-            raise ValueError(f"steps must be an integer, got {self.steps!r}")
+            raise MagicFaceInputError(f"steps must be an integer, got {self.steps!r}")
         if not MIN_STEPS <= self.steps <= MAX_STEPS:
-            raise ValueError(f"steps must be in [{MIN_STEPS}, {MAX_STEPS}], got {self.steps}")
+            raise MagicFaceInputError(
+                f"steps must be in [{MIN_STEPS}, {MAX_STEPS}], got {self.steps}")
         g = _check_finite("guidance_scale", self.guidance_scale)
         if g < 0 or g > 50:
-            raise ValueError(f"guidance_scale must be in [0, 50], got {g}")
+            raise MagicFaceInputError(f"guidance_scale must be in [0, 50], got {g}")
         a = _check_finite("alpha", self.alpha)
         if not 0.0 <= a <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {a}")
+            raise MagicFaceInputError(f"alpha must be in [0, 1], got {a}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise MagicFaceInputError(f"seed must be an integer, got {self.seed!r}")
         if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+            raise MagicFaceInputError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.reference_seed is not None and (
             isinstance(self.reference_seed, bool)
             or not isinstance(self.reference_seed, int)
             or not 0 <= self.reference_seed < 2**63
         ):
-            raise ValueError(f"reference_seed must be None or an integer in [0, 2**63), "
+            raise MagicFaceInputError(f"reference_seed must be None or an integer in [0, 2**63), "
                              f"got {self.reference_seed!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
+                raise MagicFaceInputError(f"{name} must be an integer, got {v!r}")
             if v < 64 or v > 2048:
-                raise ValueError(f"{name} must be in [64, 2048], got {v}")
+                raise MagicFaceInputError(f"{name} must be in [64, 2048], got {v}")
             if v % 8:
-                raise ValueError(f"{name} must be a multiple of 8, got {v}")
+                raise MagicFaceInputError(f"{name} must be a multiple of 8, got {v}")
         if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+            raise MagicFaceInputError(
+                f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise ValueError("negative_prompt must be a string or None")
+            raise MagicFaceInputError("negative_prompt must be a string or None")
         for name, choices in _CHOICES.items():
             v = getattr(self, name)
             if v is not None and v not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
+                raise MagicFaceInputError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
         for name in ("foreground_mask", "region_guidance"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
-                raise ValueError(f"{name} must be true, false or None, got {v!r}")
+                raise MagicFaceInputError(f"{name} must be true, false or None, got {v!r}")
         if isinstance(self.map_downscale, bool) or self.map_downscale not in (1, 2, 4, 8):
-            raise ValueError(f"map_downscale must be one of 1, 2, 4, 8, got {self.map_downscale!r}")
+            raise MagicFaceInputError(
+                f"map_downscale must be one of 1, 2, 4, 8, got {self.map_downscale!r}")
         if not isinstance(self.reference_layers, tuple) or not all(
             isinstance(x, str) and x for x in self.reference_layers
         ):
-            raise ValueError("reference_layers must be a tuple of module-name prefixes")
+            raise MagicFaceInputError("reference_layers must be a tuple of module-name prefixes")
         if self.ca_scale is not None:
             c = _check_finite("ca_scale", self.ca_scale)
             if not 0.0 < c <= 1.0:
-                raise ValueError(f"ca_scale must be in (0, 1], got {c}")
+                raise MagicFaceInputError(f"ca_scale must be in (0, 1], got {c}")
         lo = _check_finite("region_guidance_min", self.region_guidance_min)
         hi = _check_finite("region_guidance_max", self.region_guidance_max)
         if not 0.0 <= lo <= hi:
-            raise ValueError("region_guidance_min must be >= 0 and <= region_guidance_max, "
+            raise MagicFaceInputError(
+                "region_guidance_min must be >= 0 and <= region_guidance_max, "
                              f"got {lo}, {hi}")
         cap = _check_finite("region_guidance_cap", self.region_guidance_cap)
         if cap <= 0:
-            raise ValueError(f"region_guidance_cap must be > 0, got {cap}")
+            raise MagicFaceInputError(f"region_guidance_cap must be > 0, got {cap}")
 
     def resolve(self, n_concepts: int) -> GenerationConfig:
         """This config with every preset-picked field (None) set to the preset's value
@@ -241,18 +247,19 @@ class Concept:
 
     def __post_init__(self) -> None:
         if not isinstance(self.word, str) or not self.word.strip():
-            raise ValueError("concept word must be a non-empty string")
+            raise MagicFaceInputError("concept word must be a non-empty string")
         w = _check_finite(f"weight of concept '{self.word}'", self.weight)
         if w <= 0:
-            raise ValueError(f"weight of concept '{self.word}' must be > 0, got {w}")
+            raise MagicFaceInputError(f"weight of concept '{self.word}' must be > 0, got {w}")
         if self.reference_prompt is not None and not isinstance(self.reference_prompt, str):
-            raise ValueError(f"reference_prompt of concept '{self.word}' must be a string")
+            raise MagicFaceInputError(f"reference_prompt of concept '{self.word}' must be a string")
         if self.box is not None:
             if len(self.box) != 4:
-                raise ValueError(f"box of concept '{self.word}' must be (x0, y0, x1, y1)")
+                raise MagicFaceInputError(f"box of concept '{self.word}' must be (x0, y0, x1, y1)")
             x0, y0, x1, y1 = (_check_finite(f"box of concept '{self.word}'", b) for b in self.box)
             if not (x1 > x0 and y1 > y0):
-                raise ValueError(f"box of concept '{self.word}' must have x1 > x0 and y1 > y0")
+                raise MagicFaceInputError(
+                    f"box of concept '{self.word}' must have x1 > x0 and y1 > y0")
 
     @property
     def prompt_for_reference(self) -> str:

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import MagicFaceInputError
+
 __all__ = ["load_image", "binarize_mask", "letterbox", "sam_mask", "load_sam_predictor",
            "MAX_IMAGE_PIXELS"]
 
@@ -28,18 +30,18 @@ def load_image(source: Any, what: str = "image") -> Image.Image:
             elif isinstance(source, (str, Path)):
                 img = Image.open(Path(source))
             else:
-                raise ValueError(f"{what}: expected a PIL image, a path or bytes, "
+                raise MagicFaceInputError(f"{what}: expected a PIL image, a path or bytes, "
                                  f"got {type(source).__name__}")
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{what}: {img.width}x{img.height} exceeds the "
+                raise MagicFaceInputError(f"{what}: {img.width}x{img.height} exceeds the "
                                  f"{MAX_IMAGE_PIXELS} pixel limit")
             img.load()
         except FileNotFoundError as e:
-            raise ValueError(f"{what}: file not found: {source}") from e
+            raise MagicFaceInputError(f"{what}: file not found: {source}") from e
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
-            raise ValueError(f"{what}: could not decode the image ({e})") from e
+            raise MagicFaceInputError(f"{what}: could not decode the image ({e})") from e
     if img.width < 1 or img.height < 1:
-        raise ValueError(f"{what}: empty image")
+        raise MagicFaceInputError(f"{what}: empty image")
     return img
 
 
@@ -78,10 +80,10 @@ def load_sam_predictor(checkpoint: str, model_type: str = "vit_h", device: str =
         raise RuntimeError("automatic masks need segment-anything: "
                            "pip install 'magicface[sam]'") from e
     if model_type not in sam_model_registry:
-        raise ValueError(f"sam_model_type must be one of {sorted(sam_model_registry)}, "
+        raise MagicFaceInputError(f"sam_model_type must be one of {sorted(sam_model_registry)}, "
                          f"got {model_type!r}")
     if not Path(checkpoint).is_file():
-        raise ValueError(f"sam_checkpoint: file not found: {checkpoint}")
+        raise MagicFaceInputError(f"sam_checkpoint: file not found: {checkpoint}")
     sam = sam_model_registry[model_type](checkpoint=checkpoint)
     sam.to(device).eval()
     return SamPredictor(sam)

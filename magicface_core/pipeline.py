@@ -1,4 +1,5 @@
-"""MagicFacePipeline: the two-stage (RSA, then RBA) sampling loop."""
+"""MagicFacePipeline: loading, the fast-loop switches, and `generate` (validate,
+prepare the call, run a loop, decode)."""
 
 from __future__ import annotations
 
@@ -11,28 +12,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import (
-    AttentionState,
-    MagicFaceAttnProcessor,
-    RecordingAttnProcessor,
-    level_grid,
-)
 from .config import Concept, GenerationConfig
 from .ddim import supports_fast_ddim
-from .guidance import cfg, region_adaptive_cfg
+from .errors import MagicFaceInputError
 from .kv_cache import ReferenceKVCache
 from .models import Components, load_components, save_components, tiny_components
-from .reference import (
-    PreparedReference,
-    encode_latents,
-    noised_reference_latents,
-    prepare_reference,
-)
-from .sampler import FastSampler
-from .segmentation import semantic_regions, token_tables
+from .reference import PreparedReference, prepare_reference
+from .sampling import FastSampler, make_scheduler, prepare_call, sample_reference
 from .tokens import word_token_indices
 
-__all__ = ["MagicFacePipeline", "MagicFaceResult"]
+__all__ = ["MagicFacePipeline", "MagicFaceResult", "load_pipeline"]
 
 StepCallback = Callable[[int, int], None]
 
@@ -42,7 +31,7 @@ class MagicFaceResult:
     image: Image.Image
     # One (h, w) long label map per step (0 = background, i = concept i), on the CPU.
     semantic_maps: list[torch.Tensor] = field(default_factory=list)
-    latents: torch.Tensor | None = None
+    latents: torch.Tensor | None = None  # the final latents, before VAE decoding
     concept_tokens: list[list[int]] = field(default_factory=list)
     rsa_steps: int = 0
     masks: list[torch.Tensor] = field(default_factory=list)  # letterboxed concept masks
@@ -81,8 +70,9 @@ class MagicFacePipeline:
         self.kv_cache: ReferenceKVCache | None = None
         # Capture each step variant as a CUDA graph (CUDA only; fast path only).
         self.use_cuda_graphs = True
-        self._fast = FastSampler(self)
+        self.fast_sampler = FastSampler(unet)
 
+    # -- the fast loop's switches -----------------------------------------------------
     def enable_kv_cache(self, device_bytes: int = 4 << 30,
                         host_bytes: int = 16 << 30) -> ReferenceKVCache:
         """Cache reference K/V by content hash: a repeated reference skips its
@@ -91,39 +81,56 @@ class MagicFacePipeline:
         return self.kv_cache
 
     def enable_compile(self, mode: str = "default", options: dict | None = None) -> None:
-        """torch.compile the UNet for the fast path (falls back to eager on failure).
-        `options` (inductor config, e.g. `{"conv_1x1_as_mm": True}`) replaces `mode`."""
-        self._fast.enable_compile(mode, options)
+        """torch.compile the UNet for the fast path (falls back to eager when the compiler
+        fails). `options` (inductor config, e.g. `{"conv_1x1_as_mm": True}`) replaces
+        `mode`."""
+        self.fast_sampler.enable_compile(mode, options)
+
+    def disable_compile(self) -> None:
+        self.fast_sampler.disable_compile()
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.fast_sampler.is_compiled
+
+    def clear_plans(self) -> None:
+        """Drop the fast loop's buffers and captured graphs (they rebuild on use)."""
+        self.fast_sampler.clear_plans()
+
+    def sync_check(self):
+        """A context manager: inside it, a host-device sync in the fast loop's steps is
+        an error (CUDA only)."""
+        return self.fast_sampler.sync_check()
 
     def fuse_qkv_projections(self) -> None:
         """One matmul for each self-attention's Q, K, V and each cross-attention's K, V
         (diffusers' fused projections; same maths, fewer kernels). Both loops and every
         processor of this library use the fused weights once set."""
         self.unet.fuse_qkv_projections()
-        self._fast.plans.clear()
+        self.clear_plans()
 
     @property
     def fold_attention_bias(self) -> bool:
         """Fast path: carry RSA/RBA's bias in extra head dims so SDPA runs without a
         mask (flash-eligible, no dense (Lq x Lk) bias). Same output up to the rounding
         of w*sqrt(d) to the model dtype. On by default (measured faster on an H100)."""
-        return self._fast.fold_bias
+        return self.fast_sampler.fold_bias
 
     @fold_attention_bias.setter
     def fold_attention_bias(self, enabled: bool) -> None:
-        self._fast.fold_bias = bool(enabled)
+        self.fast_sampler.fold_bias = bool(enabled)
 
     @property
     def fold_min_tokens(self) -> int:
         """With `fold_attention_bias`: fold only levels of at least this many query
         tokens (h*w); coarser levels keep the dense bias. 0 folds every level."""
-        return self._fast.fold_min_tokens
+        return self.fast_sampler.fold_min_tokens
 
     @fold_min_tokens.setter
     def fold_min_tokens(self, tokens: int) -> None:
         if int(tokens) < 0:
-            raise ValueError(f"fold_min_tokens must be >= 0, got {tokens}")
-        self._fast.fold_min_tokens = int(tokens)
+            raise MagicFaceInputError(f"fold_min_tokens must be >= 0, got {tokens}")
+        self.fast_sampler.fold_min_tokens = int(tokens)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -149,11 +156,13 @@ class MagicFacePipeline:
         pipe = cls.from_components(tiny_components(seed), model_name=f"tiny-{seed}")
         return pipe.to(device)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        from .models import Components
+    @property
+    def components(self) -> Components:
+        return Components(self.unet, self.vae, self.text_encoder, self.tokenizer,
+                          self.scheduler)
 
-        return save_components(Components(self.unet, self.vae, self.text_encoder,
-                                          self.tokenizer, self.scheduler), directory)
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_components(self.components, directory)
 
     def to(self, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None) -> MagicFacePipeline:
@@ -176,43 +185,12 @@ class MagicFacePipeline:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # -- pieces -----------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP last hidden states, (B, 77, D), as StableDiffusionPipeline encodes them."""
-        ids = self.tokenizer(list(prompts), padding="max_length",
-                             max_length=self.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = (ids != self.tokenizer.pad_token_id).long().to(self.text_encoder.device)
-        out = self.text_encoder(ids.to(self.text_encoder.device), attention_mask=mask)[0]
-        return out.to(dtype=self.unet.dtype, device=self.device)
-
-    def unet_embeddings(self, prompt: str, negative_prompt: str, do_cfg: bool,
-                        reference_prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings in UNet batch order: [negative,] prompt, then one row per
-        riding reference."""
-        cond = self.encode_prompt([prompt])
-        embeds = [self.encode_prompt([negative_prompt]), cond] if do_cfg else [cond]
-        if reference_prompts:
-            embeds.append(self.encode_prompt(list(reference_prompts)))
-        return torch.cat(embeds)
+    def make_scheduler(self, config: GenerationConfig):
+        """The DDIM scheduler a call with `config` runs (see sampling.make_scheduler)."""
+        return make_scheduler(self.scheduler, config)
 
     def concept_tokens(self, prompt: str, concepts: Sequence[Concept]) -> list[list[int]]:
         return [word_token_indices(self.tokenizer, prompt, c.word) for c in concepts]
-
-    def _prompt_positions(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt, truncation=True,
-                             max_length=self.tokenizer.model_max_length)["input_ids"]
-        return list(range(1, max(2, len(ids) - 1)))
-
-    def token_tables(self, prompt: str, concept_tokens: Sequence[Sequence[int]],
-                     config: GenerationConfig, device: torch.device | str = "cpu"):
-        """The semantic map's (bias, scale, label_of) token tables for a resolved config."""
-        candidates = (None if config.map_tokens == "all"
-                      else self._prompt_positions(prompt))
-        return token_tables(self.tokenizer.model_max_length, concept_tokens, candidates,
-                            config.ca_scale, device=device)
 
     def _sam_factory(self, config: GenerationConfig) -> Callable[[], object] | None:
         if self.sam_predictor is not None:
@@ -238,39 +216,7 @@ class MagicFacePipeline:
         return [prepare_reference(c, i, config.height, config.width, sam)
                 for i, c in enumerate(concepts)]
 
-    def _install(self, state: AttentionState, reference_layers: Sequence[str]) -> dict:
-        original = self.unet.attn_processors
-        procs, modified = {}, 0
-        for key in original:
-            name = key.removesuffix(".processor")
-            if name.endswith("attn1") and any(name.startswith(p + ".") for p in reference_layers):
-                procs[key] = MagicFaceAttnProcessor(name, state)
-                modified += 1
-            else:
-                procs[key] = RecordingAttnProcessor(name, state)
-        if modified == 0:
-            raise ValueError(f"reference_layers {list(reference_layers)} match no "
-                             "self-attention layer of this UNet")
-        self.unet.set_attn_processor(procs)
-        return original
-
     # -- sampling ---------------------------------------------------------------------
-    def _validate(self, prompt, concepts, config) -> None:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt must be a non-empty string")
-        if not isinstance(config, GenerationConfig):
-            raise ValueError("config must be a GenerationConfig")
-        if not isinstance(concepts, (list, tuple)):
-            raise ValueError("concepts must be a list of Concept")
-        seen = set()
-        for i, c in enumerate(concepts):
-            if not isinstance(c, Concept):
-                raise ValueError(f"concepts[{i}] must be a Concept, got {type(c).__name__}")
-            w = c.word.strip().lower()
-            if w in seen:
-                raise ValueError(f"concept word '{c.word}' is used by more than one concept")
-            seen.add(w)
-
     @torch.no_grad()
     def generate(
         self,
@@ -291,169 +237,43 @@ class MagicFacePipeline:
         both, a run of another implementation can be reproduced. The K/V cache keys
         explicit noise by its content.
         """
+        # 1. Check and resolve the inputs (every preset-picked field filled in).
         config = config or GenerationConfig()
-        self._validate(prompt, concepts, config)
+        _validate(prompt, concepts, config)
         config = config.resolve(len(concepts))
         concept_tokens = self.concept_tokens(prompt, concepts)
+        self._check_noise(config, len(concepts), latents, reference_noise)
+        # 2. Decode, mask and letterbox the references.
+        refs = self.prepare_references(concepts, config)
+        with self._lock:
+            # 3. Scheduler, grids, z_T, embeddings, token tables.
+            call = prepare_call(self.components, prompt, refs, concept_tokens, config,
+                                device=self.device, dtype=self.dtype, latents=latents,
+                                reference_noise=reference_noise)
+            # 4. The steps: the fast loop, or the plain reference loop.
+            if config.fast_path and supports_fast_ddim(call.scheduler):
+                out = self.fast_sampler.sample(call, self.vae, self.model_name, on_step,
+                                               self.kv_cache, self.use_cuda_graphs)
+            else:
+                out = sample_reference(self.unet, self.vae, call, on_step)
+        # 5. Decode.
+        return MagicFaceResult(
+            image=self.decode(out.latents), semantic_maps=out.semantic_maps,
+            latents=out.latents, concept_tokens=concept_tokens,
+            rsa_steps=call.rsa_steps if refs else 0, masks=[r.mask for r in refs],
+            cache_hits=out.cache_hits, cache_misses=out.cache_misses, config=config)
+
+    def _check_noise(self, config: GenerationConfig, n: int, latents, reference_noise) -> None:
         f = self.vae_scale_factor
         shape = (self.unet.config.in_channels, config.height // f, config.width // f)
         if latents is not None and tuple(latents.shape) != (1, *shape):
-            raise ValueError(f"latents must have shape {(1, *shape)}, "
-                             f"got {tuple(latents.shape)}")
+            raise MagicFaceInputError(f"latents must have shape {(1, *shape)}, "
+                                      f"got {tuple(latents.shape)}")
         if reference_noise is not None and tuple(reference_noise.shape) != (
-                config.steps, len(concepts), *shape):
-            raise ValueError(f"reference_noise must have shape "
-                             f"{(config.steps, len(concepts), *shape)}, "
-                             f"got {tuple(reference_noise.shape)}")
-        refs = self.prepare_references(concepts, config)
-        with self._lock:
-            if config.fast_path and supports_fast_ddim(self.make_scheduler(config)):
-                out, maps, hits, misses = self._fast.sample(
-                    prompt, refs, concept_tokens, config, on_step, self.kv_cache,
-                    self.use_cuda_graphs, latents=latents, reference_noise=reference_noise)
-                return MagicFaceResult(
-                    image=self.decode(out), semantic_maps=maps, latents=out,
-                    concept_tokens=concept_tokens,
-                    rsa_steps=self.rsa_steps(config) if refs else 0,
-                    masks=[r.mask for r in refs], cache_hits=hits, cache_misses=misses,
-                    config=config)
-            return self._sample(prompt, refs, concept_tokens, config, on_step, latents,
-                                reference_noise)
-
-    @staticmethod
-    def rsa_steps(config: GenerationConfig) -> int:
-        """Leading RSA steps of a resolved config. The authors' code makes no semantic
-        map without CFG (it is computed in the guidance branch), so under that preset
-        a call without CFG runs RSA throughout."""
-        if config.preset == "authors" and config.guidance_scale <= 1.0:
-            return config.steps
-        return config.rsa_steps
-
-    @staticmethod
-    def wants_foreground(config: GenerationConfig) -> bool:
-        """Whether the map needs the uncond branch's foreground (with CFG only)."""
-        return config.guidance_scale > 1.0 and bool(config.foreground_mask
-                                                     or config.region_guidance)
-
-    def make_scheduler(self, config: GenerationConfig):
-        """A fresh DDIM scheduler: the checkpoint's settings, or the one the authors'
-        code runs with, keeping the checkpoint's prediction type. Their script builds
-        DDIM with SD's betas and steps_offset 0, but diffusers' StableDiffusionPipeline
-        constructor rewrites steps_offset to 1 (a deprecation fix-up), so what runs is
-        steps_offset 1: timesteps 981..1 at 50 steps, as SD's own checkpoints say."""
-        from diffusers import DDIMScheduler
-
-        if config.resolve(0).ddim_schedule == "authors":
-            return DDIMScheduler(
-                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                prediction_type=self.scheduler.config.get("prediction_type", "epsilon"))
-        return type(self.scheduler).from_config(self.scheduler.config)
-
-    def initial_state(self, config: GenerationConfig, latents: torch.Tensor | None = None):
-        """The config's DDIM scheduler set to `config.steps`, the latent grid, and z_T:
-        `latents` when given, else drawn as diffusers draws it from a CPU generator
-        seeded with `config.seed`."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        scheduler = self.make_scheduler(config)
-        scheduler.set_timesteps(config.steps, device=self.device)
-        f = self.vae_scale_factor
-        latent_hw = (config.height // f, config.width // f)
-        if latents is None:
-            generator = torch.Generator("cpu").manual_seed(config.seed)
-            latents = randn_tensor((1, self.unet.config.in_channels, *latent_hw),
-                                   generator=generator, device=self.device, dtype=self.dtype)
-        latents = latents.to(device=self.device, dtype=self.dtype)
-        return scheduler, latent_hw, latents * scheduler.init_noise_sigma
-
-    def _sample(self, prompt, refs, concept_tokens, config, on_step, latents=None,
-                reference_noise=None):
-        """The plain reference loop: diffusers' scheduler, explicit maps, no cache."""
-        dtype = self.unet.dtype
-        n = len(refs)
-        do_cfg = config.guidance_scale > 1.0
-        target_rows = 2 if do_cfg else 1
-
-        embeds = self.unet_embeddings(prompt, config.negative_prompt, do_cfg,
-                                      [r.prompt for r in refs])
-
-        scheduler, latent_hw, latents = self.initial_state(config, latents)
-        timesteps = scheduler.timesteps
-
-        state, original, noisy_refs = None, None, None
-        map_hw = level_grid(latent_hw, config.map_downscale)
-        fore = self.wants_foreground(config)
-        if n:
-            ref_latents = encode_latents(self.vae, torch.cat([r.pixels for r in refs]))
-            ref_seed = config.seed if config.reference_seed is None else config.reference_seed
-            noisy_refs = noised_reference_latents(scheduler, ref_latents.to(dtype), timesteps,
-                                                  ref_seed, noise=reference_noise)
-            state = AttentionState(
-                latent_hw=latent_hw, target_rows=target_rows, cond_row=target_rows - 1,
-                weights=[r.weight for r in refs], masks=[r.mask for r in refs],
-                map_hw=map_hw, ref_rows=[target_rows + i for i in range(n)],
-                map_rows=(0, 1) if fore else (),
-            )
-            original = self._install(state, config.reference_layers)
-        tables = self.token_tables(prompt, concept_tokens, config, self.device) if n else None
-        rsa_steps = self.rsa_steps(config)
-        maps: list[torch.Tensor] = []
-        try:
-            for i, t in enumerate(timesteps):
-                inp = torch.cat([latents] * target_rows)
-                inp = scheduler.scale_model_input(inp, t)
-                if state is not None:
-                    state.mode = "rsa" if i < rsa_steps else "rba"
-                    # A map is needed from the last RSA step on (it drives the next
-                    # step's RBA), and at every step for region guidance or when the
-                    # caller wants them all.
-                    state.record_maps = (config.return_semantic_maps or config.region_guidance
-                                         or i >= rsa_steps - 1)
-                    state.reset_maps()
-                    inp = torch.cat([inp, scheduler.scale_model_input(noisy_refs[i], t)])
-                eps = self.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
-                eps = eps[:target_rows]
-
-                hits = foreground = None
-                if state is not None and state.record_maps:
-                    cross, selfs, grids = state.recorded_maps()
-                    hits, labels, foreground = semantic_regions(
-                        cross, selfs, grids, map_hw, tables,
-                        refinement=config.map_refinement, aggregation=config.map_aggregation,
-                        foreground=fore, foreground_mask=bool(config.foreground_mask))
-                    state.set_labels(labels)
-                    if config.return_semantic_maps:
-                        maps.append(labels)
-                if do_cfg:
-                    eps_u, eps_c = eps.chunk(2)
-                    if config.region_guidance and hits is not None:
-                        noise_pred = region_adaptive_cfg(
-                            eps_u, eps_c, config.guidance_scale, hits, foreground,
-                            config.region_guidance_min, config.region_guidance_max,
-                            config.region_guidance_cap)
-                    else:
-                        noise_pred = cfg(eps_u, eps_c, config.guidance_scale)
-                else:
-                    noise_pred = eps
-                latents = scheduler.step(noise_pred, t, latents, eta=0.0,
-                                         return_dict=False)[0]
-                if on_step is not None:
-                    on_step(i + 1, len(timesteps))
-        finally:
-            if original is not None:
-                self.unet.set_attn_processor(original)
-
-        image = self.decode(latents)
-        return MagicFaceResult(
-            image=image,
-            semantic_maps=[m.cpu() for m in maps],
-            latents=latents,
-            concept_tokens=concept_tokens,
-            rsa_steps=rsa_steps if n else 0,
-            masks=[r.mask for r in refs],
-            config=config,
-        )
+                config.steps, n, *shape):
+            raise MagicFaceInputError(f"reference_noise must have shape "
+                                      f"{(config.steps, n, *shape)}, "
+                                      f"got {tuple(reference_noise.shape)}")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:
@@ -462,3 +282,34 @@ class MagicFacePipeline:
         x = (x / 2 + 0.5).clamp(0, 1)
         arr = x.cpu().permute(0, 2, 3, 1).float().numpy()[0]
         return Image.fromarray((arr * 255).round().astype(np.uint8))
+
+
+def _validate(prompt, concepts, config) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise MagicFaceInputError("prompt must be a non-empty string")
+    if not isinstance(config, GenerationConfig):
+        raise MagicFaceInputError("config must be a GenerationConfig")
+    if not isinstance(concepts, (list, tuple)):
+        raise MagicFaceInputError("concepts must be a list of Concept")
+    seen = set()
+    for i, c in enumerate(concepts):
+        if not isinstance(c, Concept):
+            raise MagicFaceInputError(f"concepts[{i}] must be a Concept, got "
+                                      f"{type(c).__name__}")
+        w = c.word.strip().lower()
+        if w in seen:
+            raise MagicFaceInputError(f"concept word '{c.word}' is used by more than one "
+                                      "concept")
+        seen.add(w)
+
+
+def load_pipeline(model: str = "tiny", device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> MagicFacePipeline:
+    """The pipeline the CLI, the worker and the benchmarks run: `model` is a hub id, a
+    local diffusers folder, or "tiny" (random weights, no download). Device: CUDA when
+    available; dtype: fp16 on CUDA, fp32 elsewhere."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model == "tiny":
+        pipe = MagicFacePipeline.tiny(seed=0, device=device)
+        return pipe.to(dtype=dtype) if dtype is not None else pipe
+    return MagicFacePipeline.from_pretrained(model, device=device, dtype=dtype)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .config import Concept
+from .errors import MagicFaceInputError
 from .masks import binarize_mask, letterbox, load_image, sam_mask
 
 __all__ = ["PreparedReference", "prepare_reference", "encode_latents", "reference_noise",
@@ -47,17 +48,18 @@ def prepare_reference(
     if concept.mask is not None:
         mask_img = load_image(concept.mask, f"{label} mask")
         if mask_img.size != image.size:
-            raise ValueError(f"{label} mask is {mask_img.width}x{mask_img.height} but its "
+            raise MagicFaceInputError(f"{label} mask is {mask_img.width}x{mask_img.height} but its "
                              f"image is {image.width}x{image.height}")
         mask = binarize_mask(mask_img)
     else:
         if sam_predictor is None:
-            raise ValueError(f"{label} has no mask and no sam_checkpoint is configured for "
+            raise MagicFaceInputError(
+                f"{label} has no mask and no sam_checkpoint is configured for "
                              "automatic masks")
         if concept.box is not None:
             x0, y0, x1, y1 = concept.box
             if x0 < 0 or y0 < 0 or x1 > image.width or y1 > image.height:
-                raise ValueError(f"{label} box {concept.box} lies outside the "
+                raise MagicFaceInputError(f"{label} box {concept.box} lies outside the "
                                  f"{image.width}x{image.height} image")
         mask = sam_mask(sam_predictor(), image, concept.box)
     boxed = letterbox(image, width, height, fill=(0, 0, 0))

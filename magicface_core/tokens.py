@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import MagicFaceInputError
+
 __all__ = ["word_token_indices"]
 
 
@@ -20,10 +22,10 @@ def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     the text encoder's token limit.
     """
     if not word or not word.strip():
-        raise ValueError("concept word must be a non-empty string")
+        raise MagicFaceInputError("concept word must be a non-empty string")
     word_ids = tokenizer(word.strip(), add_special_tokens=False)["input_ids"]
     if not word_ids:
-        raise ValueError(f"concept word '{word}' has no tokens")
+        raise MagicFaceInputError(f"concept word '{word}' has no tokens")
     full_ids = tokenizer(prompt, truncation=False)["input_ids"]
     limit = tokenizer.model_max_length
     tokens = tokenizer.convert_ids_to_tokens(full_ids)
@@ -40,6 +42,7 @@ def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
                 past_limit = True
     if not found:
         if past_limit:
-            raise ValueError(f"concept word '{word}' lies past the {limit}-token prompt limit")
-        raise ValueError(f"concept word '{word}' does not occur in the prompt {prompt!r}")
+            raise MagicFaceInputError(
+                f"concept word '{word}' lies past the {limit}-token prompt limit")
+        raise MagicFaceInputError(f"concept word '{word}' does not occur in the prompt {prompt!r}")
     return found

@@ -9,19 +9,22 @@ import torch
 import torch.nn.functional as F
 
 from magicface_core.attention import (
-    AttentionState,
-    MagicFaceAttnProcessor,
+    BatchLayout,
+    MapRecorder,
+    MaskedReferenceProcessor,
+    MaskSteering,
     RecordingAttnProcessor,
+    ReferenceKV,
     attend_folded,
     fold_width,
     folded_key_columns,
     folded_query_table,
-    grid_for_tokens,
     rba,
     rba_table,
     rsa,
     rsa_bias,
 )
+from magicface_core.unet_layout import grid_for_tokens
 
 
 def eq2(q, k, v, ref_k, ref_v, masks, weights):
@@ -244,9 +247,11 @@ def test_processor_rows_follow_the_method():
     x = torch.randn(4, 16, 8)  # uncond, cond, two references
     masks = [torch.rand(32, 32) > 0.5, torch.zeros(32, 32, dtype=torch.bool)]
     masks[1][:16] = True
-    state = AttentionState(latent_hw=latent_hw, target_rows=2, cond_row=1, weights=[2.0, 3.0],
-                           masks=masks, map_hw=(2, 2), mode="rsa", ref_rows=[2, 3])
-    proc = MagicFaceAttnProcessor("up_blocks.3.attentions.0.transformer_blocks.0.attn1", state)
+    layout = BatchLayout(target_rows=2, ref_rows=(2, 3), map_rows=(1,))
+    steering = MaskSteering(weights=[2.0, 3.0], masks=masks)
+    proc = MaskedReferenceProcessor("up_blocks.3.attentions.0.transformer_blocks.0.attn1",
+                                    MapRecorder(latent_hw, (2, 2), layout), ReferenceKV(layout),
+                                    steering)
     with torch.no_grad():
         plain = attn(x)
         attn.set_processor(proc)
@@ -266,9 +271,9 @@ def test_processor_rows_follow_the_method():
         want = attn.to_out[0](want.transpose(1, 2).reshape(1, 16, 8))
         torch.testing.assert_close(got[1:2], want, atol=1e-6, rtol=1e-6)
 
-        state.mode = "rba"
+        steering.rba = True
         labels = torch.tensor([[1, 0], [2, 2]])
-        state.set_labels(labels)
+        steering.set_labels(labels)
         got = attn(x)
         groups = F.interpolate(labels[None, None].float(), size=(4, 4))[0, 0].long().reshape(-1)
         want = rba(q[1:2], k[1:2], v[1:2], [k[2:3], k[3:4]], [v[2:3], v[3:4]], grid_masks,
@@ -281,23 +286,22 @@ def test_recording_processor_is_plain_attention_and_records_cond_maps():
     attn = _attention_module()
     x = torch.randn(3, 4, 8)
     ctx = torch.randn(3, 5, 8)
-    state = AttentionState(latent_hw=(4, 4), target_rows=2, cond_row=1, weights=[1.0],
-                           masks=[torch.ones(4, 4, dtype=torch.bool)], map_hw=(2, 2),
-                           record_maps=True)
+    layout = BatchLayout(target_rows=2, ref_rows=(None,), map_rows=(1,))
+    state = MapRecorder((4, 4), (2, 2), layout, enabled=True)
     with torch.no_grad():
         plain = attn(x, encoder_hidden_states=ctx)
         attn.set_processor(RecordingAttnProcessor("mid_block.attentions.0.transformer_blocks.0"
                                                   ".attn2", state))
         got = attn(x, encoder_hidden_states=ctx)
     torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)
-    recorded = state.cross_maps["mid_block.attentions.0.transformer_blocks.0"]
+    recorded = state.cross["mid_block.attentions.0.transformer_blocks.0"]
     assert recorded.shape == (1, 4, 5)  # the cond row only
     torch.testing.assert_close(recorded.sum(-1), torch.ones(1, 4))
     # With map_rows the uncond row (0) is kept too, in order.
-    state.map_rows = (0, 1)
+    state.layout = BatchLayout(target_rows=2, ref_rows=(None,), map_rows=(0, 1))
     with torch.no_grad():
         attn(x, encoder_hidden_states=ctx)
-    both = state.cross_maps["mid_block.attentions.0.transformer_blocks.0"]
+    both = state.cross["mid_block.attentions.0.transformer_blocks.0"]
     assert both.shape == (2, 4, 5)
     torch.testing.assert_close(both[1:], recorded)
     assert not torch.allclose(both[0], both[1])

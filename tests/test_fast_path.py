@@ -14,7 +14,7 @@ from .conftest import assert_latents_close, bias_form, example_concepts, mask_im
 
 def last_plan(pipe: MagicFacePipeline):
     """The plan (buffers, bias form) of the fast loop's latest call."""
-    return next(reversed(pipe._fast.plans.values()))
+    return pipe.fast_sampler.last_plan
 
 
 @pytest.mark.parametrize("name,limit,alpha,extra", [
@@ -31,7 +31,7 @@ def test_fast_path_matches_reference_loop(pipe, name, limit, alpha, extra):
     with bias_form(pipe, fold=False):
         fast = pipe.generate(prompt, concepts, cfg)
         plan = last_plan(pipe)
-    assert not plan.folded and plan.io["bias_table"]
+    assert not plan.folded and plan.buffers.bias_table
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
     assert_latents_close(fast.latents, slow.latents)
     assert len(fast.semantic_maps) == len(slow.semantic_maps) == 6
@@ -53,7 +53,7 @@ def test_folded_bias_fast_path_matches_reference_loop(pipe, name, limit, alpha, 
         fast = pipe.generate(prompt, concepts, cfg)
         plan = last_plan(pipe)
     # The folded plan really ran: query/key columns, no dense bias tables.
-    assert plan.folded and not plan.io["bias_table"]
+    assert plan.folded and not plan.buffers.bias_table
     assert_latents_close(fast.latents, slow.latents)
     for a, b in zip(fast.semantic_maps, slow.semantic_maps, strict=True):
         assert (a != b).float().mean() <= 0.05
@@ -68,7 +68,7 @@ def test_folding_only_the_fine_levels_matches_reference_loop(pipe):
         plan = last_plan(pipe)
     # 128x128 pixels: a 16x16 latent. Only that level folds; the coarser one is dense.
     assert set(plan.folded) == {(16, 16)}
-    assert set(plan.io["bias_table"]) == set(plan.levels) - {(16, 16)} != set()
+    assert set(plan.buffers.bias_table) == set(plan.levels) - {(16, 16)} != set()
     assert_latents_close(fast.latents, slow.latents)
 
 
@@ -85,7 +85,7 @@ def test_folded_bias_falls_back_for_weights_it_cannot_carry(pipe):
     with bias_form(pipe, fold=True):
         fast = pipe.generate(prompt, concepts, cfg)
         plan = last_plan(pipe)
-    assert not plan.folded and plan.io["bias_table"]
+    assert not plan.folded and plan.buffers.bias_table
     slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
     assert_latents_close(fast.latents, slow.latents)
 
@@ -178,13 +178,13 @@ def test_compiled_path_equals_eager():
     eager = pipe.generate(prompt, concepts, cfg)
     pipe.enable_compile()
     compiled = pipe.generate(prompt, concepts, cfg)
-    assert pipe._fast.compiled, "torch.compile fell back to eager on CPU"
+    assert pipe.is_compiled, "torch.compile fell back to eager on CPU"
     torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-4, rtol=1e-3)
     # Both bias forms compile (the default is folded; the GPU benchmark times both).
     assert pipe.fold_attention_bias
     pipe.fold_attention_bias = False
     dense = pipe.generate(prompt, concepts, cfg)
-    assert pipe._fast.compiled, "torch.compile of the dense-bias path fell back to eager"
+    assert pipe.is_compiled, "torch.compile of the dense-bias path fell back to eager"
     torch.testing.assert_close(dense.latents, eager.latents, atol=1e-4, rtol=1e-3)
 
 
@@ -215,7 +215,7 @@ def test_compile_modes_with_their_own_cuda_graphs_are_refused(pipe):
         pipe.enable_compile("reduce-overhead")
     with pytest.raises(ValueError, match="triton.cudagraphs"):
         pipe.enable_compile(options={"triton.cudagraphs": True})
-    assert not pipe._fast.compiled
+    assert not pipe.is_compiled
 
 
 def test_compile_options_reach_torch_compile(monkeypatch):

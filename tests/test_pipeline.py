@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from magicface_core import Concept, GenerationConfig, MagicFacePipeline
-from magicface_core.attention import MagicFaceAttnProcessor
+from magicface_core.attention import ReferenceAttnProcessor
 from magicface_core.models import sharpen_attention
 
 from .conftest import assert_latents_close, example_concepts, mask_image, noise_image, solid
@@ -134,7 +134,7 @@ def test_on_step_reports_every_step_and_an_exception_aborts_cleanly(pipe, small_
     after = pipe.unet.attn_processors
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)
-    assert not any(isinstance(p, MagicFaceAttnProcessor) for p in after.values())
+    assert not any(isinstance(p, ReferenceAttnProcessor) for p in after.values())
 
 
 def test_no_guidance_with_concepts(pipe, small_config):

@@ -69,8 +69,10 @@ def test_ddim_schedules():
     # A checkpoint whose scheduler says steps_offset 0 (as the authors' script builds it).
     pipe = MagicFacePipeline.tiny(seed=0)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=0)
-    authors, _, _ = pipe.initial_state(GenerationConfig(steps=50))
-    checkpoint, _, _ = pipe.initial_state(GenerationConfig(steps=50, ddim_schedule="checkpoint"))
+    authors = pipe.make_scheduler(GenerationConfig())
+    checkpoint = pipe.make_scheduler(GenerationConfig(ddim_schedule="checkpoint"))
+    authors.set_timesteps(50)
+    checkpoint.set_timesteps(50)
     # What their code runs: diffusers' StableDiffusionPipeline rewrites steps_offset to 1.
     assert authors.timesteps.tolist() == list(range(981, 0, -20))
     assert checkpoint.timesteps.tolist() == list(range(980, -1, -20))

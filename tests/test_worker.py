@@ -128,11 +128,11 @@ def test_worker_settings_choose_the_fast_path_options():
     from worker.__main__ import load_pipeline
 
     plain = load_pipeline(Settings(magicface_model="tiny", device="cpu"))
-    assert plain.fold_attention_bias and not plain._fast.compiled
+    assert plain.fold_attention_bias and not plain.is_compiled
     assert plain.kv_cache is not None
     tuned = load_pipeline(Settings(magicface_model="tiny", device="cpu",
                                    fold_attention_bias=False, torch_compile=True,
                                    fuse_qkv_projections=True))
-    assert not tuned.fold_attention_bias and tuned._fast.compiled
+    assert not tuned.fold_attention_bias and tuned.is_compiled
     assert any(getattr(m, "fused_projections", False) for m in tuned.unet.modules())
     assert not any(getattr(m, "fused_projections", False) for m in plain.unet.modules())

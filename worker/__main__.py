@@ -15,19 +15,13 @@ from .worker import MagicFaceWorker
 
 
 def load_pipeline(settings: Settings):
+    """The model once, with the worker's fast-path settings."""
     import torch
 
-    from magicface_core import MagicFacePipeline
+    from magicface_core import load_pipeline as load
 
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, settings.dtype) if settings.dtype else None
-    if settings.magicface_model == "tiny":
-        pipe = MagicFacePipeline.tiny(seed=0, device=device)
-        if dtype is not None:
-            pipe.to(dtype=dtype)
-    else:
-        pipe = MagicFacePipeline.from_pretrained(settings.magicface_model, device=device,
-                                                 dtype=dtype)
+    pipe = load(settings.magicface_model, device=settings.device,
+                dtype=getattr(torch, settings.dtype) if settings.dtype else None)
     pipe.enable_kv_cache(settings.kv_cache_device_bytes, settings.kv_cache_host_bytes)
     pipe.fold_attention_bias = settings.fold_attention_bias
     if settings.fuse_qkv_projections:
