@@ -205,87 +205,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def find_examples(inputs: list[Path]) -> list[Path]:
-    """example.json files named by `inputs` (files, folders holding one, or folders of
-    such folders), in order, each once."""
-    found: list[Path] = []
-    for p in inputs:
-        if p.is_file():
-            found.append(p)
-        elif (p / "example.json").is_file():
-            found.append(p / "example.json")
-        elif p.is_dir():
-            inner = sorted(p.glob("*/example.json"))
-            if not inner:
-                raise ValueError(f"{p}: no example.json in it or in its subfolders")
-            found.extend(inner)
-        else:
-            raise ValueError(f"{p}: no such file or folder")
-    out, seen = [], set()
-    for f in found:
-        if f.resolve() not in seen:
-            seen.add(f.resolve())
-            out.append(f)
-    return out
-
-
-def _read_example(path: Path) -> tuple[str, list, dict]:
-    import json
-
-    from . import Concept
-
-    try:
-        data = json.loads(path.read_text())
-        concepts = []
-        for c in data["concepts"]:
-            spec = {k: c[k] for k in ("word", "weight", "reference_prompt") if k in c}
-            for key in ("image", "mask"):
-                if c.get(key):
-                    spec[key] = str(path.parent / c[key])
-            concepts.append(Concept(**spec))
-        return data["prompt"], concepts, data
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not an example.json ({e})") from None
-
-
 def _run(args: argparse.Namespace) -> int:
-    import json
-    import os
-    import time
+    from .runs import load_examples, run_examples
 
-    examples = find_examples(args.inputs)
-    jobs = []
-    for path in examples:  # every input is read and checked before the model loads
-        prompt, concepts, data = _read_example(path)
-        name = path.parent.name if path.name == "example.json" else path.stem
-        seed = args.seed if args.seed is not None else int(data.get("seed", 0))
-        jobs.append((name, path, prompt, concepts, data, _config(args, seed, False)))
-    names = [j[0] for j in jobs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two examples share a name: {names}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    examples = load_examples(args.inputs)  # every input is checked before the model loads
     pipe = _load_pipe(args)
-    lines = []
-    for i, (name, path, prompt, concepts, data, config) in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {name}: {prompt}", file=sys.stderr)
-        started = time.perf_counter()
-        res = _sample(pipe, prompt, concepts, config)
-        seconds = time.perf_counter() - started
-        res.image.save(args.out / f"{name}.png")
-
-        def rel(p: str, base: Path = path.parent) -> str:
-            return os.path.relpath(base / p, args.out)
-
-        lines.append({
-            "name": name, "image": f"{name}.png", "prompt": prompt, "example": rel(path.name),
-            "concepts": [{"word": c["word"], "image": rel(c["image"]),
-                          **({"mask": rel(c["mask"])} if c.get("mask") else {}),
-                          **({"face": c["face"]} if "face" in c else {})}
-                         for c in data["concepts"]],
-            "seed": config.seed, "preset": config.preset, "seconds": round(seconds, 3),
-        })
-    (args.out / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    print(f"wrote {len(lines)} images and {args.out / 'results.jsonl'}")
+    path = run_examples(
+        lambda ex, config: _sample(pipe, ex.prompt, ex.concepts, config), examples,
+        lambda ex: _config(args, args.seed if args.seed is not None else ex.seed, False),
+        args.out, log=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {len(examples)} images and {path}")
     return 0
 
 

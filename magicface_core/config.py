@@ -134,6 +134,11 @@ class GenerationConfig:
     fast_path: bool = True
 
     def __post_init__(self) -> None:
+        self._check_sampling()
+        self._check_method()
+
+    def _check_sampling(self) -> None:
+        """Steps, guidance, alpha, seeds and size."""
         if isinstance(self.steps, bool) or not isinstance(self.steps, int):
             raise MagicFaceInputError(f"steps must be an integer, got {self.steps!r}")
         if not MIN_STEPS <= self.steps <= MAX_STEPS:
@@ -154,8 +159,8 @@ class GenerationConfig:
             or not isinstance(self.reference_seed, int)
             or not 0 <= self.reference_seed < 2**63
         ):
-            raise MagicFaceInputError(f"reference_seed must be None or an integer in [0, 2**63), "
-                             f"got {self.reference_seed!r}")
+            raise MagicFaceInputError("reference_seed must be None or an integer in "
+                                      f"[0, 2**63), got {self.reference_seed!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -164,6 +169,9 @@ class GenerationConfig:
                 raise MagicFaceInputError(f"{name} must be in [64, 2048], got {v}")
             if v % 8:
                 raise MagicFaceInputError(f"{name} must be a multiple of 8, got {v}")
+
+    def _check_method(self) -> None:
+        """The preset and the fields it picks, the layers and the map grid."""
         if self.preset not in PRESETS:
             raise MagicFaceInputError(
                 f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
@@ -172,7 +180,8 @@ class GenerationConfig:
         for name, choices in _CHOICES.items():
             v = getattr(self, name)
             if v is not None and v not in choices:
-                raise MagicFaceInputError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
+                raise MagicFaceInputError(
+                    f"{name} must be one of {', '.join(choices)}, got {v!r}")
         for name in ("foreground_mask", "region_guidance"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
@@ -191,9 +200,8 @@ class GenerationConfig:
         lo = _check_finite("region_guidance_min", self.region_guidance_min)
         hi = _check_finite("region_guidance_max", self.region_guidance_max)
         if not 0.0 <= lo <= hi:
-            raise MagicFaceInputError(
-                "region_guidance_min must be >= 0 and <= region_guidance_max, "
-                             f"got {lo}, {hi}")
+            raise MagicFaceInputError("region_guidance_min must be >= 0 and <= "
+                                      f"region_guidance_max, got {lo}, {hi}")
         cap = _check_finite("region_guidance_cap", self.region_guidance_cap)
         if cap <= 0:
             raise MagicFaceInputError(f"region_guidance_cap must be > 0, got {cap}")

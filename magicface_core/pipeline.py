@@ -15,6 +15,7 @@ from PIL import Image
 from .config import Concept, GenerationConfig
 from .ddim import supports_fast_ddim
 from .errors import MagicFaceInputError
+from .inputs import check_call, check_noise
 from .kv_cache import ReferenceKVCache
 from .models import Components, load_components, save_components, tiny_components
 from .reference import PreparedReference, prepare_reference
@@ -239,10 +240,11 @@ class MagicFacePipeline:
         """
         # 1. Check and resolve the inputs (every preset-picked field filled in).
         config = config or GenerationConfig()
-        _validate(prompt, concepts, config)
+        check_call(prompt, concepts, config)
         config = config.resolve(len(concepts))
         concept_tokens = self.concept_tokens(prompt, concepts)
-        self._check_noise(config, len(concepts), latents, reference_noise)
+        check_noise(config, len(concepts), self.unet.config.in_channels,
+                    self.vae_scale_factor, latents, reference_noise)
         # 2. Decode, mask and letterbox the references.
         refs = self.prepare_references(concepts, config)
         with self._lock:
@@ -263,18 +265,6 @@ class MagicFacePipeline:
             rsa_steps=call.rsa_steps if refs else 0, masks=[r.mask for r in refs],
             cache_hits=out.cache_hits, cache_misses=out.cache_misses, config=config)
 
-    def _check_noise(self, config: GenerationConfig, n: int, latents, reference_noise) -> None:
-        f = self.vae_scale_factor
-        shape = (self.unet.config.in_channels, config.height // f, config.width // f)
-        if latents is not None and tuple(latents.shape) != (1, *shape):
-            raise MagicFaceInputError(f"latents must have shape {(1, *shape)}, "
-                                      f"got {tuple(latents.shape)}")
-        if reference_noise is not None and tuple(reference_noise.shape) != (
-                config.steps, n, *shape):
-            raise MagicFaceInputError(f"reference_noise must have shape "
-                                      f"{(config.steps, n, *shape)}, "
-                                      f"got {tuple(reference_noise.shape)}")
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:
         x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
@@ -282,25 +272,6 @@ class MagicFacePipeline:
         x = (x / 2 + 0.5).clamp(0, 1)
         arr = x.cpu().permute(0, 2, 3, 1).float().numpy()[0]
         return Image.fromarray((arr * 255).round().astype(np.uint8))
-
-
-def _validate(prompt, concepts, config) -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise MagicFaceInputError("prompt must be a non-empty string")
-    if not isinstance(config, GenerationConfig):
-        raise MagicFaceInputError("config must be a GenerationConfig")
-    if not isinstance(concepts, (list, tuple)):
-        raise MagicFaceInputError("concepts must be a list of Concept")
-    seen = set()
-    for i, c in enumerate(concepts):
-        if not isinstance(c, Concept):
-            raise MagicFaceInputError(f"concepts[{i}] must be a Concept, got "
-                                      f"{type(c).__name__}")
-        w = c.word.strip().lower()
-        if w in seen:
-            raise MagicFaceInputError(f"concept word '{c.word}' is used by more than one "
-                                      "concept")
-        seen.add(w)
 
 
 def load_pipeline(model: str = "tiny", device: str | torch.device | None = None,
