@@ -2,7 +2,7 @@
 
 The canonical state is RQ's job status plus what the worker writes to `job.meta`
 (`state`, `progress`, `error`, `result`, `cache`). Shared by gateway and worker;
-imports no torch.
+imports no torch. Raises the job-level exceptions below; the routes map them to HTTP.
 """
 
 from __future__ import annotations
@@ -16,17 +16,33 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from .errors import ApiError
+from .keys import CANCEL_KEY, IDEMPOTENCY_KEY
+from .schemas import ErrorCode, ErrorDetail, JobResult, JobState, JobView, Progress
+
+__all__ = ["JOB_FUNC", "JobError", "JobNotFound", "JobFinished", "IdempotencyConflict",
+           "new_job_id", "enqueue", "fetch", "status_of", "describe", "cancel",
+           "remember_idempotency", "lookup_idempotency", "DURATION_BUCKETS"]
 
 JOB_FUNC = "worker.tasks.generate"
-CANCEL_KEY = "magicface:cancel:{}"
-IDEMPOTENCY_KEY = "magicface:idem:{}"
-WORKER_ALIVE_KEY = "magicface:worker:{}"
-METRICS_KEY = "magicface:metrics"
-DURATION_KEY = "magicface:metrics:duration"
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
-TERMINAL = {"succeeded", "failed", "canceled"}
+
+class JobError(Exception):
+    """A job-level refusal; `code` is the API error code."""
+
+    code = "job_error"
+
+
+class JobNotFound(JobError):
+    code = "not_found"
+
+
+class JobFinished(JobError):
+    code = "job_finished"
+
+
+class IdempotencyConflict(JobError):
+    code = "idempotency_conflict"
 
 
 def new_job_id() -> str:
@@ -44,24 +60,24 @@ def _iso(dt: datetime | None) -> str | None:
 def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s: int) -> Job:
     return queue.enqueue(
         JOB_FUNC, job_id, job_id=job_id, job_timeout=timeout_s, result_ttl=result_ttl_s,
-        failure_ttl=result_ttl_s, meta={"state": "queued", "progress": {"step": 0,
-                                                                       "total": steps}},
+        failure_ttl=result_ttl_s,
+        meta={"state": JobState.QUEUED.value, "progress": {"step": 0, "total": steps}},
     )
 
 
 def fetch(redis: Redis, job_id: str) -> Job:
     if not job_id or len(job_id) > 64 or not job_id.isalnum():
-        raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
+        raise JobNotFound(f"job {job_id!r} does not exist")
     try:
         return Job.fetch(job_id, connection=redis)
     except NoSuchJobError:
-        raise ApiError(404, "not_found", f"job {job_id!r} does not exist") from None
+        raise JobNotFound(f"job {job_id!r} does not exist") from None
 
 
-def _failure_error(job: Job) -> dict:
+def _failure_error(job: Job) -> ErrorDetail:
     meta_error = job.meta.get("error")
     if meta_error:
-        return meta_error
+        return ErrorDetail(**meta_error)
     exc = ""
     try:
         res = job.latest_result()
@@ -69,71 +85,57 @@ def _failure_error(job: Job) -> dict:
     except Exception:  # noqa: BLE001 - an unreadable result still fails the job
         exc = ""
     if "AbandonedJobError" in exc:
-        return {"code": "worker_lost",
-                "message": "the worker running this job stopped before finishing"}
+        return ErrorDetail(code=ErrorCode.WORKER_LOST,
+                           message="the worker running this job stopped before finishing")
     if "JobTimeoutException" in exc:
-        return {"code": "timeout", "message": "the job exceeded its time limit"}
-    return {"code": "internal_error", "message": "the job failed unexpectedly"}
+        return ErrorDetail(code=ErrorCode.TIMEOUT, message="the job exceeded its time limit")
+    return ErrorDetail(code=ErrorCode.INTERNAL_ERROR, message="the job failed unexpectedly")
 
 
-def status_of(job: Job) -> str:
+def status_of(job: Job) -> JobState:
     rq_status = job.get_status(refresh=False)
-    state = job.meta.get("state")
-    if state == "canceled" or rq_status in (JobStatus.CANCELED,):
-        return "canceled"
+    if job.meta.get("state") == JobState.CANCELED or rq_status == JobStatus.CANCELED:
+        return JobState.CANCELED
     if rq_status in (JobStatus.FAILED, JobStatus.STOPPED):
-        return "failed"
+        return JobState.FAILED
     if rq_status == JobStatus.FINISHED:
-        return "succeeded"  # a job canceled mid-run also finishes; its state said so above
+        return JobState.SUCCEEDED  # a job canceled mid-run also finishes; see above
     if rq_status == JobStatus.STARTED:
-        return "running"
-    return "queued"
+        return JobState.RUNNING
+    return JobState.QUEUED
 
 
-def describe(job: Job, queue: Queue) -> dict:
+def describe(job: Job, queue: Queue) -> JobView:
     job.refresh()
     status = status_of(job)
     progress = job.meta.get("progress") or {"step": 0, "total": 0}
-    position = None
-    if status == "queued":
-        pos = queue.get_job_position(job.id)
-        position = pos if pos is not None else None
     result = None
-    if status == "succeeded":
-        result = {
-            "image_url": f"/v1/jobs/{job.id}/image",
-            "semantic_map_url": (f"/v1/jobs/{job.id}/semantic_map"
-                                 if (job.meta.get("result") or {}).get("semantic_map")
-                                 else None),
-        }
-    error = None
-    if status == "failed":
-        error = _failure_error(job)
-    return {
-        "id": job.id,
-        "status": status,
-        "progress": {"step": int(progress.get("step", 0)), "total": int(progress.get("total",
-                                                                                     0))},
-        "queue_position": position,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.ended_at) if status in TERMINAL else None,
-        "error": error,
-        "result": result,
-        "cache": job.meta.get("cache"),
-    }
+    if status == JobState.SUCCEEDED:
+        has_map = (job.meta.get("result") or {}).get("semantic_map")
+        result = JobResult(image_url=f"/v1/jobs/{job.id}/image",
+                           semantic_map_url=f"/v1/jobs/{job.id}/semantic_map" if has_map
+                           else None)
+    return JobView(
+        id=job.id, status=status,
+        progress=Progress(step=int(progress.get("step", 0)),
+                          total=int(progress.get("total", 0))),
+        queue_position=queue.get_job_position(job.id) if status == JobState.QUEUED else None,
+        created_at=_iso(job.created_at), started_at=_iso(job.started_at),
+        finished_at=_iso(job.ended_at) if status.terminal else None,
+        error=_failure_error(job) if status == JobState.FAILED else None,
+        result=result, cache=job.meta.get("cache"))
 
 
 def cancel(redis: Redis, job: Job) -> None:
     job.refresh()
     status = status_of(job)
-    if status in TERMINAL:
-        raise ApiError(409, "job_finished", f"job {job.id} is already {status}")
+    if status.terminal:
+        raise JobFinished(f"job {job.id} is already {status.value}")
     # The flag stops a running job at its next step; it also catches a job that a
     # worker dequeues between our status read and the cancel below.
     redis.set(CANCEL_KEY.format(job.id), "1", ex=86400)
-    if status == "queued":
-        job.meta["state"] = "canceled"
+    if status == JobState.QUEUED:
+        job.meta["state"] = JobState.CANCELED.value
         job.save_meta()
         try:
             job.cancel()
@@ -155,6 +157,6 @@ def lookup_idempotency(redis: Redis, key: str, digest: str) -> str | None:
         return None
     rec = json.loads(raw)
     if rec["hash"] != digest:
-        raise ApiError(422, "idempotency_conflict",
-                       "Idempotency-Key was already used with a different request body")
+        raise IdempotencyConflict(
+            "Idempotency-Key was already used with a different request body")
     return rec["job_id"]

@@ -7,7 +7,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis import Redis
 from rq import Queue
 
-from .jobs import DURATION_BUCKETS, DURATION_KEY, METRICS_KEY
+from .jobs import DURATION_BUCKETS
+from .keys import DURATION_KEY, METRICS_KEY
 
 
 class RedisCollector:

@@ -50,6 +50,16 @@ class Params(BaseModel):
     # for one concept, 0.6 for several; paper: 1).
     ca_scale: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
 
+    def to_config(self, **extra) -> GenerationConfig:
+        """The library config of these parameters (the worker adds its own settings,
+        such as reference_seed, through `extra`). Raises MagicFaceInputError (a
+        ValueError) on what only the library checks."""
+        return GenerationConfig(steps=self.steps, guidance_scale=self.guidance_scale,
+                                alpha=self.alpha, seed=self.seed,
+                                negative_prompt=self.negative_prompt, width=self.width,
+                                height=self.height, preset=self.preset,
+                                ca_scale=self.ca_scale, **extra)
+
 
 @dataclass
 class Upload:
@@ -145,18 +155,10 @@ def parse_params(raw: str | None, settings: Settings) -> Params:
                            f"params.{name}: at most {settings.max_size}, got {v}")
     # The library's own checks (multiples of 8, ranges) are the source of truth.
     try:
-        generation_config(p)
+        p.to_config()
     except ValueError as e:
         raise ApiError(422, "invalid_params", f"params.{e}") from None
     return p
-
-
-def generation_config(p: Params, **extra) -> GenerationConfig:
-    """The library config of validated request parameters (the worker adds its own
-    settings through `extra`)."""
-    return GenerationConfig(steps=p.steps, guidance_scale=p.guidance_scale, alpha=p.alpha,
-                            seed=p.seed, negative_prompt=p.negative_prompt, width=p.width,
-                            height=p.height, preset=p.preset, ca_scale=p.ca_scale, **extra)
 
 
 def word_in_prompt(word: str, prompt: str) -> bool:

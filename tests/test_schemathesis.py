@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from service.app import create_app
-from service.jobs import WORKER_ALIVE_KEY
+from service.keys import WORKER_ALIVE_KEY
 from service.settings import Settings
 from service.storage import LocalStorage
 

@@ -86,13 +86,13 @@ def test_preset_and_ca_scale_are_stored_for_the_worker(api):
     assert r.status_code == 202
     rec = json.loads((api.store / f"jobs/{r.json()['id']}/request.json").read_text())
     assert (rec["params"]["preset"], rec["params"]["ca_scale"]) == ("paper", 0.7)
-    from service.validation import Params, generation_config
+    from service.validation import Params
 
-    cfg = generation_config(Params.model_validate(rec["params"])).resolve(2)
+    cfg = Params.model_validate(rec["params"]).to_config().resolve(2)
     assert (cfg.preset, cfg.ca_scale, cfg.region_guidance) == ("paper", 0.7, False)
     # A record from before these fields existed still reads (as the defaults).
     old = {k: v for k, v in rec["params"].items() if k not in ("preset", "ca_scale")}
-    assert generation_config(Params.model_validate(old)).preset == "authors"
+    assert Params.model_validate(old).to_config().preset == "authors"
 
 
 @pytest.mark.parametrize("kwargs,status,code,field", [

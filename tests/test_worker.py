@@ -9,7 +9,7 @@ import pytest
 import torch
 from rq import Queue
 
-from service import jobs
+from service import jobs, keys
 from service.settings import Settings
 from service.storage import LocalStorage, StorageError, input_key, request_key
 from worker import tasks
@@ -57,6 +57,10 @@ def runtime(pipe, redis_db, redis_server, tmp_path):
     tasks.RUNTIME = old
 
 
+def describe(job, queue) -> dict:
+    return jobs.describe(job, queue).model_dump(mode="json")
+
+
 def run_burst(rt, queue):
     w = MagicFaceWorker([queue], settings=rt.settings, connection=rt.redis, model="tiny")
     w.work(burst=True, with_scheduler=False)
@@ -68,7 +72,7 @@ def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(runtime):
     first = submit(rt.storage, queue)
     second = submit(rt.storage, queue)
     run_burst(rt, queue)
-    a, b = jobs.describe(first, queue), jobs.describe(second, queue)
+    a, b = describe(first, queue), describe(second, queue)
     assert a["status"] == "failed" and a["error"]["code"] == "out_of_memory"
     assert b["status"] == "succeeded", b
     assert rt.storage.exists(f"jobs/{second.id}/output/image.png")
@@ -79,7 +83,7 @@ def test_word_the_tokenizer_cannot_find_is_invalid_input(runtime):
     rt, queue = runtime
     job = submit(rt.storage, queue, concepts=[{"word": "scarf"}, {"word": "hat"}])
     run_burst(rt, queue)
-    view = jobs.describe(job, queue)
+    view = describe(job, queue)
     assert view["status"] == "failed" and view["error"]["code"] == "invalid_input"
     assert "scarf" in view["error"]["message"]
 
@@ -89,7 +93,7 @@ def test_missing_inputs_are_a_storage_error(runtime):
     job = submit(rt.storage, queue)
     rt.storage.delete_prefix(f"jobs/{job.id}/input")
     run_burst(rt, queue)
-    view = jobs.describe(job, queue)
+    view = describe(job, queue)
     assert view["status"] == "failed" and view["error"]["code"] == "storage_error"
 
 
@@ -107,7 +111,7 @@ def test_a_failed_result_upload_leaves_no_partial_outputs(runtime, tmp_path):
     rt.storage = MapUploadFails(tmp_path)
     job = submit(rt.storage, queue)
     run_burst(rt, queue)
-    view = jobs.describe(job, queue)
+    view = describe(job, queue)
     assert view["status"] == "failed" and view["error"]["code"] == "storage_error"
     assert "connection reset" in view["error"]["message"]
     # The image went up before the map failed; the failed job must not keep it.
@@ -118,9 +122,9 @@ def test_a_failed_result_upload_leaves_no_partial_outputs(runtime, tmp_path):
 def test_cancel_flag_set_before_start(runtime):
     rt, queue = runtime
     job = submit(rt.storage, queue)
-    rt.redis.set(jobs.CANCEL_KEY.format(job.id), "1")
+    rt.redis.set(keys.CANCEL_KEY.format(job.id), "1")
     run_burst(rt, queue)
-    view = jobs.describe(job, queue)
+    view = describe(job, queue)
     assert view["status"] == "canceled" and view["progress"]["step"] == 0
 
 

@@ -17,7 +17,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.worker import WorkerStatus
 
-from service import jobs
+from service.keys import WORKER_ALIVE_KEY
 from service.settings import Settings
 
 log = logging.getLogger("magicface.worker")
@@ -40,7 +40,7 @@ class MagicFaceWorker(SimpleWorker):
 
     # Registration for /readyz: a short-lived key per worker with its model.
     def _announce(self) -> None:
-        key = jobs.WORKER_ALIVE_KEY.format(self.name)
+        key = WORKER_ALIVE_KEY.format(self.name)
         ttl = self.settings.worker_heartbeat_ttl_s
         info = json.dumps({"name": self.name, "model": self.model, "model_loaded": True,
                            "pid": os.getpid(), "since": time.time()})

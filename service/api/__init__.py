@@ -1,0 +1,1 @@
+"""The HTTP layer: dependencies (`deps`) and routes (`routes/<resource>.py`)."""
