@@ -12,7 +12,9 @@ from magicface_core import Concept, GenerationConfig, MagicFacePipeline
 from magicface_core.attention import ReferenceAttnProcessor
 from magicface_core.models import sharpen_attention
 
-from .conftest import assert_latents_close, example_concepts, mask_image, noise_image, solid
+from ..helpers.examples import example_concepts
+from ..helpers.images import mask_image, noise_image, solid
+from ..helpers.pipeline import assert_latents_close
 
 
 def sd_pipeline(pipe: MagicFacePipeline):

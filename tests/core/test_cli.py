@@ -10,7 +10,7 @@ from PIL import Image
 
 from magicface_core.cli import main, overlay_semantic_map, parse_concept
 
-from .conftest import EXAMPLES
+from ..helpers.examples import EXAMPLES
 
 
 def test_parse_concept():

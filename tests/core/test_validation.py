@@ -8,7 +8,7 @@ import pytest
 
 from magicface_core import Concept, GenerationConfig
 
-from .conftest import mask_image, noise_image
+from ..helpers.images import mask_image, noise_image
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", None])

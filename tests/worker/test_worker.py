@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-from rq import Queue
 
 from service import jobs, keys
 from service.settings import Settings
 from service.storage import LocalStorage, StorageError, input_key, request_key
-from worker import tasks
 from worker.worker import MagicFaceWorker
 
-from .conftest import trio_job
+from ..helpers.examples import trio_job
 
 
 class OOMOnce:
@@ -43,18 +40,6 @@ def submit(storage, queue, prompt=None, concepts=None, steps=2):
         storage.put(input_key(job_id, "image", i), open(img, "rb").read())
         storage.put(input_key(job_id, "mask", i), open(m, "rb").read())
     return jobs.enqueue(queue, job_id, steps, 60, 600)
-
-
-@pytest.fixture
-def runtime(pipe, redis_db, redis_server, tmp_path):
-    settings = Settings(redis_url=redis_server, storage_url=f"file://{tmp_path}")
-    storage = LocalStorage(tmp_path)
-    queue = Queue("worker-test", connection=redis_db)
-    old = tasks.RUNTIME
-    tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage,
-                                  redis=redis_db)
-    yield tasks.RUNTIME, queue
-    tasks.RUNTIME = old
 
 
 def describe(job, queue) -> dict:
@@ -140,3 +125,21 @@ def test_worker_settings_choose_the_fast_path_options():
     assert not tuned.fold_attention_bias and tuned.is_compiled
     assert any(getattr(m, "fused_projections", False) for m in tuned.unet.modules())
     assert not any(getattr(m, "fused_projections", False) for m in plain.unet.modules())
+
+
+class InternalBug:
+    """A pipeline whose generate fails with a plain ValueError (an internal shape check,
+    say): not the client's fault."""
+
+    def generate(self, *args, **kwargs):
+        raise ValueError("reference 0: 64 keys but a mask of 256")
+
+
+def test_only_the_librarys_input_errors_are_invalid_input(runtime):
+    rt, queue = runtime
+    rt.pipe = InternalBug()
+    job = submit(rt.storage, queue)
+    run_burst(rt, queue)
+    view = describe(job, queue)
+    assert view["status"] == "failed" and view["error"]["code"] == "internal_error"
+    assert "keys but a mask" not in view["error"]["message"]

@@ -18,28 +18,11 @@ from service.app import create_app
 from service.settings import Settings
 from service.storage import LocalStorage
 
-from .conftest import EXAMPLES, SHARED_EXAMPLES, example, shared_example_names
+from ..helpers.examples import EXAMPLES, SHARED_EXAMPLES, example, shared_example_names
+from ..helpers.images import png
+from ..helpers.multipart import job_form
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def png(size=(64, 48), color=(200, 10, 10), fmt="PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-@pytest.fixture
-def api(redis_db, redis_server, tmp_path):
-    settings = Settings(redis_url=redis_server, storage_url=f"file://{tmp_path}/store",
-                        max_image_bytes=200_000, max_request_bytes=500_000,
-                        max_image_pixels=1_000_000)
-    storage = LocalStorage(tmp_path / "store")
-    app = create_app(settings, storage=storage)
-    with TestClient(app) as client:
-        client.queue = Queue(settings.queue_name, connection=redis_db)
-        client.store = tmp_path / "store"
-        yield client
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def post(client, prompt="a man wearing a hat", concepts=None, images=None, masks=None,
@@ -47,13 +30,8 @@ def post(client, prompt="a man wearing a hat", concepts=None, images=None, masks
     concepts = concepts if concepts is not None else [{"word": "man"}, {"word": "hat"}]
     images = images if images is not None else [png(), png()]
     masks = masks if masks is not None else [png(), png()]
-    files = [("images", (f"i{i}.png", b)) for i, b in enumerate(images)]
-    files += [("masks", (f"m{i}.png", b)) for i, b in enumerate(masks)]
-    data = {"prompt": prompt, "concepts": concepts if isinstance(concepts, str)
-            else json.dumps(concepts)}
-    if params is not None:
-        data["params"] = params if isinstance(params, str) else json.dumps(params)
-    return client.post("/v1/jobs", data=data, files=files, headers=headers or {})
+    return client.post("/v1/jobs", **job_form(prompt, concepts, images, masks, params),
+                       headers=headers or {})
 
 
 def assert_rejected(client, r, status, code, field=None):
@@ -203,13 +181,10 @@ def test_examples_are_accepted(redis_db, redis_server, tmp_path, root, name):
     app = create_app(Settings(redis_url=redis_server), storage=LocalStorage(tmp_path))
     concepts = [{k: c[k] for k in ("word", "weight", "reference_prompt")}
                 for c in data["concepts"]]
-    files = [("images", ("x", Path(c["image"]).read_bytes())) for c in data["concepts"]]
-    files += [("masks", ("x", Path(c["mask"]).read_bytes())) for c in data["concepts"]]
     with TestClient(app) as client:
-        r = client.post("/v1/jobs", data={"prompt": data["prompt"],
-                                          "concepts": json.dumps(concepts),
-                                          "params": json.dumps({"seed": data["seed"]})},
-                        files=files)
+        r = client.post("/v1/jobs", **job_form(
+            data["prompt"], concepts, [c["image"] for c in data["concepts"]],
+            [c["mask"] for c in data["concepts"]], {"seed": data["seed"]}))
     assert r.status_code == 202, r.text
 
 
@@ -230,7 +205,7 @@ def test_gateway_never_imports_torch():
 def test_storage_down_is_503_and_nothing_is_queued(redis_db, redis_server):
     from service.storage import S3Storage
 
-    from .stack import free_port
+    from ..helpers.stack import free_port
 
     dead = S3Storage("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
     app = create_app(Settings(redis_url=redis_server), storage=dead)
@@ -246,7 +221,7 @@ def test_storage_down_is_503_and_nothing_is_queued(redis_db, redis_server):
 def test_redis_down_is_503(tmp_path):
     from redis import Redis
 
-    from .stack import free_port
+    from ..helpers.stack import free_port
 
     app = create_app(Settings(), redis=Redis(port=free_port(), socket_connect_timeout=0.5),
                      storage=LocalStorage(tmp_path))

@@ -10,7 +10,8 @@ from magicface_core import GenerationConfig, MagicFacePipeline
 from magicface_core.config import AUTHORS_NEGATIVE_PROMPT
 from magicface_core.reference import reference_noise
 
-from .conftest import example_concepts, mask_image, noise_image
+from ..helpers.examples import example_concepts
+from ..helpers.images import mask_image, noise_image
 from .test_pipeline import sd_pipeline
 
 PRESET_FIELDS = ("negative_prompt", "ca_scale", "foreground_mask", "region_guidance",

@@ -9,7 +9,9 @@ from magicface_core import Concept, GenerationConfig, MagicFacePipeline
 from magicface_core.ddim import ddim_coefficients, ddim_step
 from magicface_core.kv_cache import KVEntry, ReferenceKVCache
 
-from .conftest import assert_latents_close, bias_form, example_concepts, mask_image, noise_image
+from ..helpers.examples import example_concepts
+from ..helpers.images import mask_image, noise_image
+from ..helpers.pipeline import assert_latents_close, bias_form
 
 
 def last_plan(pipe: MagicFacePipeline):
@@ -237,3 +239,32 @@ def test_host_copy_of_a_cache_entry_keeps_every_tensor():
     for s, h in zip(steps, host.steps, strict=True):
         for (k, v), (hk, hv) in zip(s.values(), h.values(), strict=True):
             assert torch.equal(k, hk) and torch.equal(v, hv)
+
+
+def test_only_compiler_errors_switch_compilation_off(monkeypatch):
+    """A compiler failure falls back to eager for good; any other error (an
+    out-of-memory, a bug) propagates and leaves compilation on."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    pipe = MagicFacePipeline.tiny(seed=0)
+    prompt, concepts = example_concepts("trio", 2)
+    cfg = GenerationConfig(steps=2, height=128, width=128, seed=4)
+    eager = pipe.generate(prompt, concepts, cfg)
+
+    def broken(error):
+        def compile_(model, **kw):
+            def run(*a, **k):
+                raise error
+            return run
+        return compile_
+
+    monkeypatch.setattr(torch, "compile", broken(RuntimeError("CUDA out of memory")))
+    pipe.enable_compile()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe.generate(prompt, concepts, cfg)
+    assert pipe.is_compiled
+    monkeypatch.setattr(torch, "compile", broken(TorchDynamoException("backend failed")))
+    pipe.enable_compile()
+    fallback = pipe.generate(prompt, concepts, cfg)
+    assert not pipe.is_compiled
+    assert torch.equal(fallback.latents, eager.latents)

@@ -8,7 +8,7 @@ import yaml
 
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_compose_runs_redis_minio_api_and_a_gpu_worker():

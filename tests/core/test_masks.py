@@ -13,7 +13,9 @@ from magicface_core import Concept, GenerationConfig
 from magicface_core.masks import binarize_mask, letterbox, load_image, sam_mask
 from magicface_core.reference import prepare_reference
 
-from .conftest import EXAMPLES, mask_image, noise_image, tiny_sam
+from ..helpers.examples import EXAMPLES
+from ..helpers.images import mask_image, noise_image
+from ..helpers.pipeline import tiny_sam
 
 
 def test_threshold_is_half_grey():

@@ -18,8 +18,8 @@ import torch
 from magicface_core import Concept, GenerationConfig, MagicFacePipeline
 from magicface_core.config import AUTHORS_NEGATIVE_PROMPT
 
-from .authors_oracle import Oracle, OracleConcept
-from .conftest import mask_image, noise_image
+from ..helpers.authors_oracle import Oracle, OracleConcept
+from ..helpers.images import mask_image, noise_image
 
 SIZE, STEPS = 128, 8
 PROMPT = "a man with a hat wearing a vase"

@@ -16,7 +16,7 @@ from magicface_core.cli import main
 from magicface_core.evaluation import Evaluator, load_manifest, projected
 from magicface_core.models import write_tiny_tokenizer
 
-SYNTHETIC = Path(__file__).resolve().parents[1] / "examples" / "synthetic"
+SYNTHETIC = Path(__file__).resolve().parents[2] / "examples" / "synthetic"
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,14 @@ import time
 
 import boto3
 import numpy as np
-import pytest
 from PIL import Image
 
-from .conftest import trio_job
-from .stack import Stack
+from ..helpers.examples import trio_job
+from ..helpers.stack import Stack
 
 SMALL = {"steps": 4, "width": 128, "height": 128, "seed": 11}
 # Slow enough on a CPU to be caught mid-run.
 LONG = {"steps": 100, "width": 448, "height": 448, "seed": 3}
-
-
-@pytest.fixture
-def file_stack(redis_db, redis_server, tmp_path):
-    stack = Stack({"REDIS_URL": redis_server, "STORAGE_URL": f"file://{tmp_path / 'store'}"},
-                  tmp_path / "logs")
-    stack.start_gateway()
-    yield stack
-    stack.stop()
 
 
 def _png_size(data: bytes) -> tuple[int, int]:

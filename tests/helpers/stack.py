@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,7 +15,9 @@ from pathlib import Path
 import httpx
 import redis
 
-ROOT = Path(__file__).resolve().parents[1]
+from .multipart import job_form
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -128,12 +129,8 @@ class Stack:
 
     # -- client helpers -----------------------------------------------------------------
     def submit(self, prompt, concepts, images, masks=(), params=None, headers=None):
-        files = [("images", (Path(p).name, Path(p).read_bytes())) for p in images]
-        files += [("masks", (Path(p).name, Path(p).read_bytes())) for p in masks]
-        data = {"prompt": prompt, "concepts": json.dumps(concepts)}
-        if params is not None:
-            data["params"] = json.dumps(params)
-        return self.client.post("/v1/jobs", data=data, files=files, headers=headers or {})
+        return self.client.post("/v1/jobs", **job_form(prompt, concepts, images, masks, params),
+                                headers=headers or {})
 
     def submit_job(self, job: dict, params=None, headers=None) -> dict:
         """Submit a job spec (prompt, concepts, images, masks); the accepted job's view."""
