@@ -6,14 +6,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 importlib_metadata
-# Rounds (ROUND=...):
-#   5 (default, ~5 min, not yet run): the graph loop's default layout against
-#     channels-last weights + cudnn.benchmark (vanilla, N=2 folded), then inductor N=2
-#     with fused Q/K/V (the cached case run 3 cut);
-#   3 (run 3, ~10 min: it hit a 590 s call limit in the closing profile): attention call;
-#     graph loop dense and folded, N=1..3; checks; authors' N=2; inductor folded N=2,
-#     then with fused Q/K/V; eager profile;
-#   probe (run 4, ~3.5 min): head-dim padding; folded:4096; inductor N=2 cached.
+# ROUND picks the round (default 6); benchmarks/README.md says what each measures and
+# what the earlier ones found.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -26,7 +20,7 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-case "${ROUND:-5}" in
+case "${ROUND:-6}" in
 probe)
     python3 benchmarks/attention_bench.py --concepts 2 --fold-multiples 8,16,32 \
         --repeats 10 --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log"
@@ -41,7 +35,7 @@ probe)
         --authors-n 2 --inductor --inductor-n 2 --inductor-bias folded --inductor-fuse-qkv \
         --profile --budget-s 480 --out "$out/run3.json" 2>&1 | tee "$out/run3.log"
     ;;
-*)
+5)
     common=(--no-eager --no-diffusers --no-checks --authors-n '' --n 2 --bias folded)
     python3 benchmarks/gpu_bench.py "${common[@]}" --out "$out/run5_layout.json" 2>&1 \
         | tee "$out/run5_layout.log"
@@ -50,5 +44,12 @@ probe)
     python3 benchmarks/gpu_bench.py "${common[@]}" --n '' --fuse-qkv --inductor \
         --inductor-n 2 --inductor-bias folded --budget-s 240 \
         --out "$out/run5_fused_inductor.json" 2>&1 | tee "$out/run5_fused_inductor.log"
+    ;;
+*)
+    common=(--no-eager --no-diffusers --authors-n '' --n 1,2,3 --bias dense,folded)
+    python3 benchmarks/gpu_bench.py "${common[@]}" --preset authors --budget-s 200 \
+        --out "$out/run6_authors.json" 2>&1 | tee "$out/run6_authors.log"
+    python3 benchmarks/gpu_bench.py "${common[@]}" --preset paper --no-checks --budget-s 150 \
+        --out "$out/run6_paper.json" 2>&1 | tee "$out/run6_paper.log"
     ;;
 esac
