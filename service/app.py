@@ -49,6 +49,15 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
                                 status_code=413)
         return await call_next(request)
 
+    _install_error_handlers(app)
+    app.include_router(job_routes.router)
+    app.include_router(probe_routes.router)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, as {"error": {"code", "message"}}."""
+
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -82,7 +91,3 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     async def job_error(_: Request, e: jobs.JobError) -> JSONResponse:
         status = JOB_ERROR_STATUS.get(type(e), 409)
         return JSONResponse(ApiError(status, e.code, str(e)).body(), status_code=status)
-
-    app.include_router(job_routes.router)
-    app.include_router(probe_routes.router)
-    return app
