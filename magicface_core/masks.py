@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MagicFaceInputError
 
@@ -31,10 +31,10 @@ def load_image(source: Any, what: str = "image") -> Image.Image:
                 img = Image.open(Path(source))
             else:
                 raise MagicFaceInputError(f"{what}: expected a PIL image, a path or bytes, "
-                                 f"got {type(source).__name__}")
+                                          f"got {type(source).__name__}")
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise MagicFaceInputError(f"{what}: {img.width}x{img.height} exceeds the "
-                                 f"{MAX_IMAGE_PIXELS} pixel limit")
+                                          f"{MAX_IMAGE_PIXELS} pixel limit")
             img.load()
         except FileNotFoundError as e:
             raise MagicFaceInputError(f"{what}: file not found: {source}") from e
@@ -42,7 +42,9 @@ def load_image(source: Any, what: str = "image") -> Image.Image:
             raise MagicFaceInputError(f"{what}: could not decode the image ({e})") from e
     if img.width < 1 or img.height < 1:
         raise MagicFaceInputError(f"{what}: empty image")
-    return img
+    # As displayed: a photo's EXIF orientation turns it (and its mask, drawn on the
+    # displayed photo, must then match).
+    return ImageOps.exif_transpose(img)
 
 
 def binarize_mask(mask: Image.Image) -> np.ndarray:

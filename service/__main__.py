@@ -1,4 +1,5 @@
-"""`python -m service`: run the gateway with uvicorn on HOST:PORT."""
+"""`python -m service`: run the gateway with uvicorn on HOST:PORT (and, with
+METRICS_PORT, keyless Prometheus metrics on that port for the scraper)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 
 import uvicorn
 
+from . import metrics
 from .app import create_app
 from .settings import Settings
 
@@ -13,8 +15,13 @@ from .settings import Settings
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info")
+    app = create_app(settings)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.host, app.state.redis, app.state.queue)
+    # Idle keep-alive connections are closed after 5 s; a stalled body is dropped after
+    # BODY_TIMEOUT_S (the app's middleware).
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                timeout_keep_alive=5)
 
 
 if __name__ == "__main__":

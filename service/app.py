@@ -1,11 +1,14 @@
 """The FastAPI gateway: validates requests, stores inputs, queues jobs, serves results.
 
-The app itself: state, the body-size guard, the error handlers (every error is
-{"error": {"code", "message"}}), and the routers of `api.routes`. Never imports torch:
-validation uses Pillow and the library's torch-free config.
+The app itself: state, the outer middleware (request ids, streamed body limit, docs
+guard), the error handlers (every error is {"error": {"code", "message"}}, internals
+only in the server log under the request id), and the routers of `api.routes`. Never
+imports torch: validation uses Pillow and the library's torch-free config.
 """
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,12 +19,19 @@ from rq import Queue
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import jobs
+from .api.middleware import GatewayMiddleware
+from .api.request_ids import request_id
 from .api.routes import jobs as job_routes
 from .api.routes import probes as probe_routes
 from .api.routes.jobs import JOB_ERROR_STATUS
 from .errors import ApiError
 from .settings import Settings
 from .storage import Storage, StorageError, open_storage
+
+log = logging.getLogger("magicface.gateway")
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+              413: "request_too_large"}
 
 
 def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
@@ -37,57 +47,61 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     app.state.storage = storage or open_storage(
         settings.storage_url, endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region, public_url=settings.s3_public_url)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        # Multipart framing adds a little over the files themselves.
-        if length and length.isdigit() and int(length) > settings.max_request_bytes + 2**20:
-            return JSONResponse(ApiError(413, "request_too_large",
-                                         f"request body of {length} bytes is over the "
-                                         f"{settings.max_request_bytes}-byte limit").body(),
-                                status_code=413)
-        return await call_next(request)
-
+    app.add_middleware(GatewayMiddleware, settings=settings)
     _install_error_handlers(app)
     app.include_router(job_routes.router)
     app.include_router(probe_routes.router)
     return app
 
 
+def _json(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    """Every error, ours or the framework's, as {"error": {"code", "message"}}."""
+    """Every error, ours or the framework's, as {"error": {"code", "message"}}; a fault
+    of Redis, storage or the code is logged with the request id, and the client gets
+    the id, not the internals (hosts, paths, buckets)."""
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return _json(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         err = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
         field = ".".join(loc) or "request"
-        return JSONResponse(ApiError(422, "invalid_request",
-                                     f"{field}: {err.get('msg', 'invalid')}").body(),
-                            status_code=422)
+        return _json(ApiError(422, "invalid_request", f"{field}: {err.get('msg', 'invalid')}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        code = HTTP_CODES.get(e.status_code, "http_error")
         return JSONResponse(ApiError(e.status_code, code, str(e.detail)).body(),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(RedisError)
-    async def redis_down(_: Request, e: RedisError) -> JSONResponse:
-        return JSONResponse(ApiError(503, "redis_unavailable", f"Redis: {e}").body(),
-                            status_code=503)
+    async def redis_down(request: Request, e: RedisError) -> JSONResponse:
+        rid = request_id(request)
+        log.warning("request %s: Redis: %s", rid, e)
+        return _json(ApiError(503, "redis_unavailable",
+                              f"the job store is unavailable (request {rid})"))
 
     @app.exception_handler(StorageError)
-    async def storage_down(_: Request, e: StorageError) -> JSONResponse:
-        return JSONResponse(ApiError(503, "storage_unavailable", str(e)).body(),
-                            status_code=503)
+    async def storage_down(request: Request, e: StorageError) -> JSONResponse:
+        rid = request_id(request)
+        log.warning("request %s: storage: %s", rid, e)
+        return _json(ApiError(503, "storage_unavailable",
+                              f"storage is unavailable (request {rid})"))
 
     @app.exception_handler(jobs.JobError)
     async def job_error(_: Request, e: jobs.JobError) -> JSONResponse:
         status = JOB_ERROR_STATUS.get(type(e), 409)
-        return JSONResponse(ApiError(status, e.code, str(e)).body(), status_code=status)
+        return _json(ApiError(status, e.code, str(e)))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        rid = request_id(request)
+        log.exception("request %s failed", rid)
+        return _json(ApiError(500, "internal_error",
+                              f"the request failed unexpectedly (request {rid})"))

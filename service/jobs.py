@@ -7,7 +7,9 @@ imports no torch. Raises the job-level exceptions below; the routes map them to 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -16,15 +18,20 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from . import metrics
 from .keys import CANCEL_KEY, IDEMPOTENCY_KEY
 from .schemas import ErrorCode, ErrorDetail, JobResult, JobState, JobView, Progress
 
 __all__ = ["JOB_FUNC", "JobError", "JobNotFound", "JobFinished", "IdempotencyConflict",
            "new_job_id", "enqueue", "fetch", "status_of", "describe", "cancel",
-           "remember_idempotency", "lookup_idempotency", "DURATION_BUCKETS"]
+           "remember_idempotency", "lookup_idempotency", "idempotency_name", "ANONYMOUS"]
 
 JOB_FUNC = "worker.tasks.generate"
-DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+# The owner of jobs made without API keys configured.
+ANONYMOUS = "public"
+# Job ids are ours (uuid4 hex): anything else is unknown before RQ sees it (RQ refuses
+# some strings, e.g. non-ASCII digits, with an exception of its own).
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class JobError(Exception):
@@ -57,21 +64,29 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat().replace("+00:00", "Z")
 
 
-def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s: int) -> Job:
+def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s: int,
+            owner: str = ANONYMOUS) -> Job:
     return queue.enqueue(
         JOB_FUNC, job_id, job_id=job_id, job_timeout=timeout_s, result_ttl=result_ttl_s,
         failure_ttl=result_ttl_s,
-        meta={"state": JobState.QUEUED.value, "progress": {"step": 0, "total": steps}},
+        meta={"state": JobState.QUEUED.value, "progress": {"step": 0, "total": steps},
+              "owner": owner},
     )
 
 
-def fetch(redis: Redis, job_id: str) -> Job:
-    if not job_id or len(job_id) > 64 or not job_id.isalnum():
-        raise JobNotFound(f"job {job_id!r} does not exist")
+def fetch(redis: Redis, job_id: str, owner: str | None = None) -> Job:
+    """The job, if it exists and (with `owner`) belongs to that owner: another owner's
+    job is as unknown as a missing one."""
+    missing = JobNotFound(f"job {job_id[:64]!r} does not exist")
+    if not JOB_ID.fullmatch(job_id or ""):
+        raise missing
     try:
-        return Job.fetch(job_id, connection=redis)
+        job = Job.fetch(job_id, connection=redis)
     except NoSuchJobError:
-        raise JobNotFound(f"job {job_id!r} does not exist") from None
+        raise missing from None
+    if owner is not None and job.meta.get("owner", ANONYMOUS) != owner:
+        raise missing
+    return job
 
 
 def _failure_error(job: Job) -> ErrorDetail:
@@ -87,6 +102,9 @@ def _failure_error(job: Job) -> ErrorDetail:
     if "AbandonedJobError" in exc:
         return ErrorDetail(code=ErrorCode.WORKER_LOST,
                            message="the worker running this job stopped before finishing")
+    if "SystemExit" in exc or "ShutDownImminentException" in exc:
+        return ErrorDetail(code=ErrorCode.WORKER_LOST,
+                           message="the worker shut down before finishing this job")
     if "JobTimeoutException" in exc:
         return ErrorDetail(code=ErrorCode.TIMEOUT, message="the job exceeded its time limit")
     return ErrorDetail(code=ErrorCode.INTERNAL_ERROR, message="the job failed unexpectedly")
@@ -126,7 +144,10 @@ def describe(job: Job, queue: Queue) -> JobView:
         result=result, cache=job.meta.get("cache"))
 
 
-def cancel(redis: Redis, job: Job) -> None:
+def cancel(redis: Redis, job: Job, record_ttl_s: int) -> bool:
+    """Stop a job: at once when queued (its record then expires after `record_ttl_s`,
+    as a finished job's does), at its next step when running. True when it was
+    canceled while queued (it will never run)."""
     job.refresh()
     status = status_of(job)
     if status.terminal:
@@ -140,23 +161,42 @@ def cancel(redis: Redis, job: Job) -> None:
         try:
             job.cancel()
         except Exception:  # noqa: BLE001 - already dequeued: the flag stops it
-            pass
+            return False
+        redis.expire(job.key, record_ttl_s)
+        metrics.count(redis, "jobs_canceled")
+        return True
+    return False
 
 
-def remember_idempotency(redis: Redis, key: str, job_id: str, digest: str, ttl: int) -> str:
-    """Record key -> (job, body hash) unless present; return the job id the key maps to."""
-    name = IDEMPOTENCY_KEY.format(key)
+def idempotency_name(owner: str, key: str) -> str:
+    """Each owner's keys are their own; the client's key is hashed (any length, any
+    characters)."""
+    return IDEMPOTENCY_KEY.format(f"{owner}:{hashlib.sha256(key.encode()).hexdigest()}")
+
+
+def remember_idempotency(redis: Redis, owner: str, key: str, job_id: str, digest: str,
+                         ttl: int) -> str:
+    """Point the key at `job_id` unless it already points at a job; return the job it
+    points at. Called once the job is stored and enqueued, so the key never names a
+    job that does not exist yet."""
+    name = idempotency_name(owner, key)
     if redis.set(name, json.dumps({"job_id": job_id, "hash": digest}), nx=True, ex=ttl):
         return job_id
-    return lookup_idempotency(redis, key, digest) or job_id
+    return lookup_idempotency(redis, owner, key, digest) or job_id
 
 
-def lookup_idempotency(redis: Redis, key: str, digest: str) -> str | None:
-    raw = redis.get(IDEMPOTENCY_KEY.format(key))
+def lookup_idempotency(redis: Redis, owner: str, key: str, digest: str) -> str | None:
+    """The live job the key points at, or None (a key whose job expired is dropped).
+    Raises IdempotencyConflict when the key was used with another body."""
+    name = idempotency_name(owner, key)
+    raw = redis.get(name)
     if raw is None:
         return None
     rec = json.loads(raw)
     if rec["hash"] != digest:
         raise IdempotencyConflict(
             "Idempotency-Key was already used with a different request body")
+    if not Job.exists(rec["job_id"], connection=redis):
+        redis.delete(name)
+        return None
     return rec["job_id"]

@@ -7,8 +7,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis import Redis
 from rq import Queue
 
-from .jobs import DURATION_BUCKETS
 from .keys import DURATION_KEY, METRICS_KEY
+
+DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
 
 class RedisCollector:
@@ -45,10 +46,22 @@ class RedisCollector:
             yield c
 
 
-def render(redis: Redis, queue: Queue) -> bytes:
+def _registry(redis: Redis, queue: Queue) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(RedisCollector(redis, queue))
-    return generate_latest(registry)
+    return registry
+
+
+def render(redis: Redis, queue: Queue) -> bytes:
+    return generate_latest(_registry(redis, queue))
+
+
+def serve(port: int, host: str, redis: Redis, queue: Queue) -> None:
+    """Serve the metrics, without a key, on their own port (a thread), for a scraper
+    on the internal network."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host, registry=_registry(redis, queue))
 
 
 def observe_duration(redis: Redis, seconds: float) -> None:

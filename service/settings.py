@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     job_timeout_s: int = 600
     result_ttl_s: int = 7 * 86400
     idempotency_ttl_s: int = 86400
-    presign_expires_s: int = 3600
+    presign_expires_s: int = 300
+    public_docs: bool = False  # /docs and /openapi.json without a key (when keys are set)
+    metrics_port: int | None = None  # also serve /metrics, keyless, on this port
+    body_timeout_s: float = 30.0  # a request body that stalls this long is dropped (408)
 
     # Worker.
     device: str | None = None  # default: cuda if available
@@ -50,7 +53,21 @@ class Settings(BaseSettings):
     worker_heartbeat_ttl_s: int = 10
     worker_maintenance_interval_s: int = 5
     worker_name: str | None = None
+    worker_threads: int | None = None  # torch CPU threads per worker (unset: torch's)
+    redis_retry_s: int = 300  # how long a worker waits for Redis to record a job's end
+    storage_retry_s: int = 60  # how long a worker retries a storage read or write
+    keep_inputs: bool = False  # keep a job's uploads after it ends
+    sweep_interval_s: int = 300  # how often a worker deletes expired jobs' objects
+    orphan_grace_s: int = 3600  # objects with no job record, older than this, are deleted
+    safety_checker: str = "off"  # off | warn | block (needs the checkpoint's checker)
 
     @property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @field_validator("safety_checker")
+    @classmethod
+    def _safety_mode(cls, v: str) -> str:
+        if v not in ("off", "warn", "block"):
+            raise ValueError("SAFETY_CHECKER must be off, warn or block")
+        return v

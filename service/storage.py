@@ -11,12 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-__all__ = ["Storage", "LocalStorage", "S3Storage", "StorageError", "open_storage",
+__all__ = ["Storage", "LocalStorage", "S3Storage", "StorageError", "StorageNotFound",
+           "open_storage",
            "input_key", "output_key", "request_key"]
 
 
 class StorageError(RuntimeError):
     """The storage backend failed (unreachable, denied, missing object)."""
+
+
+class StorageNotFound(StorageError):
+    """The object does not exist (not a fault to retry)."""
 
 
 def request_key(job_id: str) -> str:
@@ -48,12 +53,21 @@ class Storage:
     def stream(self, key: str, chunk: int = 1 << 16) -> Iterator[bytes]:
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        """Remove one object (no error if it is not there)."""
+        raise NotImplementedError
+
     def delete_prefix(self, prefix: str) -> None:
         raise NotImplementedError
 
     def presign(self, key: str, expires_s: int) -> str | None:
         """A URL clients can download from directly, or None."""
         return None
+
+    def job_ages(self) -> dict[str, float]:
+        """Every job id with objects in storage -> the time (epoch s) its newest object
+        was written."""
+        raise NotImplementedError
 
     def check(self) -> None:
         """Raise StorageError unless the backend is usable."""
@@ -86,6 +100,8 @@ class LocalStorage(Storage):
     def get(self, key):
         try:
             return self._path(key).read_bytes()
+        except FileNotFoundError as e:
+            raise StorageNotFound(f"no object {key}") from e
         except OSError as e:
             raise StorageError(f"could not read {key}: {e}") from e
 
@@ -105,12 +121,28 @@ class LocalStorage(Storage):
 
         return gen()
 
+    def delete(self, key):
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"could not delete {key}: {e}") from e
+
     def delete_prefix(self, prefix):
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if base.is_dir():
             for p in sorted(base.rglob("*"), reverse=True):
                 p.unlink() if p.is_file() else p.rmdir()
             base.rmdir()
+
+    def job_ages(self):
+        out: dict[str, float] = {}
+        jobs_dir = self.root / "jobs"
+        if not jobs_dir.is_dir():
+            return out
+        for d in jobs_dir.iterdir():
+            times = [p.stat().st_mtime for p in d.rglob("*") if p.is_file()]
+            out[d.name] = max(times, default=d.stat().st_mtime)
+        return out
 
     def check(self):
         if not os.access(self.root, os.W_OK):
@@ -155,9 +187,17 @@ class S3Storage(Storage):
                    Body=data, ContentType=content_type)
 
     def get(self, key):
-        obj = self._call(f"get {key}", self.client.get_object, Bucket=self.bucket,
-                         Key=self._k(key))
-        return obj["Body"].read()
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise StorageNotFound(f"no object {key}") from e
+            raise StorageError(f"get {key}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - botocore's connection errors
+            raise StorageError(f"get {key}: {e}") from e
+        return self._call(f"read {key}", obj["Body"].read)
 
     def exists(self, key):
         from botocore.exceptions import ClientError
@@ -173,6 +213,10 @@ class S3Storage(Storage):
                          Key=self._k(key))
         return obj["Body"].iter_chunks(chunk)
 
+    def delete(self, key):
+        self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket,
+                   Key=self._k(key))
+
     def delete_prefix(self, prefix):
         resp = self._call("list", self.client.list_objects_v2, Bucket=self.bucket,
                           Prefix=self._k(prefix))
@@ -187,6 +231,18 @@ class S3Storage(Storage):
         return self.public_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._k(key)},
             ExpiresIn=expires_s)
+
+    def job_ages(self):
+        out: dict[str, float] = {}
+        base = self._k("jobs/")
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                      Prefix=base)
+        for page in self._call("list jobs", list, pages):
+            for obj in page.get("Contents", []):
+                job_id = obj["Key"][len(base):].split("/", 1)[0]
+                stamp = obj["LastModified"].timestamp()
+                out[job_id] = max(out.get(job_id, 0.0), stamp)
+        return out
 
     def check(self):
         self._call("head bucket", self.client.head_bucket, Bucket=self.bucket)

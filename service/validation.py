@@ -21,6 +21,7 @@ from magicface_core.config import GenerationConfig
 from .errors import ApiError
 from .settings import Settings
 
+EXIF_ORIENTATION = 0x0112
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
@@ -166,6 +167,11 @@ def word_in_prompt(word: str, prompt: str) -> bool:
     return re.search(pattern, prompt, flags=re.IGNORECASE) is not None
 
 
+def _plain(message: str) -> str:
+    """A decoder's message without object reprs (they carry heap addresses)."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the upload", message)
+
+
 def decode_image(upload: Upload, field: str, settings: Settings) -> ValidImage:
     if len(upload.data) > settings.max_image_bytes:
         raise ApiError(413, "file_too_large",
@@ -187,12 +193,17 @@ def decode_image(upload: Upload, field: str, settings: Settings) -> ValidImage:
                 raise ApiError(422, "invalid_image",
                                f"{field}: format {fmt} is not one of PNG, JPEG, WebP")
             img.load()
+            # The size as displayed: a photo's EXIF orientation may turn it (the
+            # library applies the same turn when it decodes the upload).
+            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                w, h = h, w
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ApiError(422, "invalid_image",
-                       f"{field}: not a decodable PNG, JPEG or WebP image ({e})") from None
+                       f"{field}: not a decodable PNG, JPEG or WebP image "
+                       f"({_plain(str(e))})") from None
     return ValidImage(upload.data, ALLOWED_FORMATS[fmt], (w, h))
 
 

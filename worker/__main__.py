@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from redis import Redis
 from rq import Queue
@@ -34,16 +35,30 @@ def load_pipeline(settings: Settings):
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
-    redis = Redis.from_url(settings.redis_url)
+    if settings.worker_threads:
+        import torch
+
+        # Several workers on one machine's cores: each gets its share, not all of them.
+        torch.set_num_threads(settings.worker_threads)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
+                           health_check_interval=10)
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
                            region=settings.s3_region, public_url=settings.s3_public_url)
     pipe = load_pipeline(settings)
     tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage, redis=redis)
-    logging.getLogger("magicface.worker").info("model %s loaded on %s",
-                                               settings.magicface_model, pipe.device)
-    worker = MagicFaceWorker([Queue(settings.queue_name, connection=redis)], settings=settings,
-                             connection=redis, model=settings.magicface_model)
-    worker.work(with_scheduler=False)
+    log = logging.getLogger("magicface.worker")
+    log.info("model %s loaded on %s", settings.magicface_model, pipe.device)
+    # RQ's loop ends on an error it does not handle (a Redis outage outlasting
+    # REDIS_RETRY_S, say): start it again, model still loaded, unless asked to stop.
+    while True:
+        worker = MagicFaceWorker([Queue(settings.queue_name, connection=redis)],
+                                 settings=settings, connection=redis,
+                                 model=settings.magicface_model, storage=storage)
+        worker.work(with_scheduler=False)
+        if worker.stop_requested:
+            break
+        log.warning("worker loop ended without a stop request; starting it again")
+        time.sleep(2)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ from service.settings import Settings
 from service.storage import (
     Storage,
     StorageError,
+    StorageNotFound,
     input_key,
     output_key,
     output_prefix,
     request_key,
 )
 from service.validation import Params
+
+from .retry import REDIS_DOWN, retry
 
 log = logging.getLogger("magicface.worker")
 
@@ -54,19 +57,55 @@ class JobFailed(Exception):
     """A failure whose code and message are already in job.meta['error']."""
 
 
-def _fail(job, code: ErrorCode, message: str) -> JobFailed:
+def _save(rt: Runtime, job, what: str) -> None:
+    """Write the job's meta, waiting out a Redis outage (up to REDIS_RETRY_S): a job's
+    end must be recorded."""
+    retry(job.save_meta, errors=REDIS_DOWN, within_s=rt.settings.redis_retry_s,
+          what=f"job {job.id}: {what}")
+
+
+def _count(rt: Runtime, name: str, amount: float = 1) -> None:
+    try:
+        metrics.count(rt.redis, name, amount)
+    except REDIS_DOWN as e:  # a lost count is not worth a job
+        log.warning("metrics: %s not counted: %s", name, e)
+
+
+def _fail(rt: Runtime, job, code: ErrorCode, message: str) -> JobFailed:
     job.meta["state"] = JobState.FAILED.value
     job.meta["error"] = {"code": code.value, "message": message}
-    job.save_meta()
-    metrics.count(job.connection, "jobs_failed")
+    _save(rt, job, "failure")
+    _count(rt, "jobs_failed")
     return JobFailed(f"{code.value}: {message}")
 
 
 def _canceled(job, rt: Runtime) -> dict:
     job.meta["state"] = JobState.CANCELED.value
-    job.save_meta()
-    metrics.count(rt.redis, "jobs_canceled")
+    _save(rt, job, "cancel")
+    _count(rt, "jobs_canceled")
     return {"state": JobState.CANCELED.value}
+
+
+def _storage(rt: Runtime, what: str, fn):
+    """A storage operation, retried with backoff for STORAGE_RETRY_S (an outage or a
+    restart of the storage service); a missing object is not retried."""
+    def attempt():
+        try:
+            return fn()
+        except StorageNotFound:
+            raise
+        except StorageError as e:
+            raise _Transient(e) from e
+
+    try:
+        return retry(attempt, errors=(_Transient,), within_s=rt.settings.storage_retry_s,
+                     what=what)
+    except _Transient as e:
+        raise e.__cause__ from None
+
+
+class _Transient(Exception):
+    """A storage error worth another try."""
 
 
 def generate(job_id: str) -> dict:
@@ -76,30 +115,51 @@ def generate(job_id: str) -> dict:
     job = get_current_job()
     started = time.monotonic()
     job.meta["state"] = JobState.RUNNING.value
-    job.save_meta()
-    if rt.redis.exists(CANCEL_KEY.format(job_id)):
-        return _canceled(job, rt)
-    req, images, masks = load(rt, job, job_id)
-    prompt, concepts, config = configure(rt, job, req, images, masks)
+    _save(rt, job, "start")
     try:
-        res = run(rt, job, job_id, prompt, concepts, config)
-    except JobCanceled:
-        return _canceled(job, rt)
-    result = store(rt, job, job_id, res)
-    return record(rt, job, res, result, time.monotonic() - started)
+        if retry(lambda: rt.redis.exists(CANCEL_KEY.format(job_id)), errors=REDIS_DOWN,
+                 within_s=rt.settings.redis_retry_s, what=f"job {job_id}: cancel flag"):
+            return _canceled(job, rt)
+        req, images, masks = load(rt, job, job_id)
+        prompt, concepts, config = configure(rt, job, req, images, masks)
+        try:
+            res = run(rt, job, job_id, prompt, concepts, config)
+        except JobCanceled:
+            return _canceled(job, rt)
+        result = store(rt, job, job_id, res)
+        return record(rt, job, res, result, time.monotonic() - started)
+    finally:
+        if not rt.settings.keep_inputs:
+            drop_inputs(rt, job_id)
+
+
+def drop_inputs(rt: Runtime, job_id: str) -> None:
+    """A job's uploads (images, masks, the request record) once it has ended, however
+    it ended (KEEP_INPUTS=false). Best effort: the sweeper takes what is left."""
+    try:
+        _storage(rt, f"job {job_id}: delete inputs",
+                 lambda: rt.storage.delete_prefix(f"jobs/{job_id}/input/"))
+        _storage(rt, f"job {job_id}: delete request",
+                 lambda: rt.storage.delete(request_key(job_id)))
+    except StorageError as e:
+        log.warning("job %s: inputs not deleted: %s", job_id, e)
 
 
 def load(rt: Runtime, job, job_id: str) -> tuple[dict, list[bytes], list[bytes | None]]:
     """The request record and its images and masks, from storage."""
+    def get(key: str) -> bytes:
+        return _storage(rt, f"job {job_id}: read {key}", lambda: rt.storage.get(key))
+
     try:
-        req = json.loads(rt.storage.get(request_key(job_id)))
+        req = json.loads(get(request_key(job_id)))
         n = len(req["concepts"])
-        images = [rt.storage.get(input_key(job_id, "image", i)) for i in range(n)]
-        masks = ([rt.storage.get(input_key(job_id, "mask", i)) for i in range(n)]
+        images = [get(input_key(job_id, "image", i)) for i in range(n)]
+        masks = ([get(input_key(job_id, "mask", i)) for i in range(n)]
                  if req.get("masks") else [None] * n)
     except (StorageError, KeyError, ValueError) as e:
-        raise _fail(job, ErrorCode.STORAGE_ERROR,
-                    f"could not read the job's inputs: {e}") from None
+        log.warning("job %s: inputs unreadable: %s", job_id, e)
+        raise _fail(rt, job, ErrorCode.STORAGE_ERROR,
+                    "could not read the job's inputs from storage") from None
     return req, images, masks
 
 
@@ -115,7 +175,7 @@ def configure(rt: Runtime, job, req: dict, images, masks):
                             reference_prompt=c.get("reference_prompt"))
                     for c, img, m in zip(req["concepts"], images, masks, strict=True)]
     except (MagicFaceInputError, ValidationError) as e:
-        raise _fail(job, ErrorCode.INVALID_INPUT, str(e)) from None
+        raise _fail(rt, job, ErrorCode.INVALID_INPUT, str(e)) from None
     return req["prompt"], concepts, config
 
 
@@ -130,19 +190,26 @@ def run(rt: Runtime, job, job_id: str, prompt: str, concepts, config):
     cancel_key = CANCEL_KEY.format(job_id)
 
     def on_step(step: int, total: int) -> None:
+        # Progress and the cancel flag are best effort: a Redis outage mid-job must not
+        # fail the job (its end is recorded once Redis is back).
         job.meta["progress"] = {"step": step, "total": total}
-        job.save_meta()
-        if rt.redis.exists(cancel_key):
+        try:
+            job.save_meta()
+            canceled = rt.redis.exists(cancel_key)
+        except REDIS_DOWN as e:
+            log.warning("job %s: step %d not reported: %s", job_id, step, e)
+            return
+        if canceled:
             raise JobCanceled()
 
     try:
         return rt.pipe.generate(prompt, concepts, config, on_step=on_step)
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
-        raise _fail(job, ErrorCode.OUT_OF_MEMORY,
-                    f"the GPU ran out of memory: {str(e)[:200]}") from None
+        log.warning("job %s: %s", job_id, e)
+        raise _fail(rt, job, ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory") from None
     except MagicFaceInputError as e:
-        raise _fail(job, ErrorCode.INVALID_INPUT, str(e)) from None
+        raise _fail(rt, job, ErrorCode.INVALID_INPUT, str(e)) from None
 
 
 def store(rt: Runtime, job, job_id: str, res) -> dict:
@@ -150,20 +217,25 @@ def store(rt: Runtime, job, job_id: str, res) -> dict:
     outputs already written are removed, so a failed job leaves none."""
     from magicface_core.cli import overlay_semantic_map
 
+    def put(key: str, data: bytes) -> None:
+        _storage(rt, f"job {job_id}: write {key}", lambda: rt.storage.put(key, data,
+                                                                         "image/png"))
+
     result = {"image": output_key(job_id, "image")}
     try:
-        rt.storage.put(result["image"], _png(res.image), "image/png")
+        put(result["image"], _png(res.image))
         if res.semantic_maps:
             result["semantic_map"] = output_key(job_id, "semantic_map")
-            overlay = overlay_semantic_map(res.image, res.semantic_maps[-1])
-            rt.storage.put(result["semantic_map"], _png(overlay), "image/png")
+            put(result["semantic_map"],
+                _png(overlay_semantic_map(res.image, res.semantic_maps[-1])))
     except StorageError as e:
+        log.warning("job %s: result not stored: %s", job_id, e)
         try:  # best effort: storage may be the thing that is down
             rt.storage.delete_prefix(output_prefix(job_id))
         except StorageError:
             log.warning("job %s: could not remove partial outputs", job_id)
-        raise _fail(job, ErrorCode.STORAGE_ERROR, f"could not store the result: {e}") \
-            from None
+        raise _fail(rt, job, ErrorCode.STORAGE_ERROR,
+                    "could not store the result in storage") from None
     return result
 
 
@@ -172,11 +244,14 @@ def record(rt: Runtime, job, res, result: dict, elapsed: float) -> dict:
     job.meta.update({"state": JobState.SUCCEEDED.value, "result": result,
                      "cache": {"hits": res.cache_hits, "misses": res.cache_misses},
                      "duration_s": elapsed})
-    job.save_meta()
-    metrics.count(rt.redis, "jobs_succeeded")
-    metrics.count(rt.redis, "kv_cache_hits", res.cache_hits)
-    metrics.count(rt.redis, "kv_cache_misses", res.cache_misses)
-    metrics.observe_duration(rt.redis, elapsed)
+    _save(rt, job, "success")
+    _count(rt, "jobs_succeeded")
+    _count(rt, "kv_cache_hits", res.cache_hits)
+    _count(rt, "kv_cache_misses", res.cache_misses)
+    try:
+        metrics.observe_duration(rt.redis, elapsed)
+    except REDIS_DOWN as e:
+        log.warning("metrics: duration not observed: %s", e)
     return {"state": JobState.SUCCEEDED.value, **result}
 
 

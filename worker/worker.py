@@ -1,7 +1,12 @@
-"""MagicFaceWorker: an RQ SimpleWorker (no fork: CUDA must not be forked) that keeps
-its job's registry entry alive with short heartbeats, so a killed worker's job is
-found abandoned and failed (`worker_lost`) seconds later instead of after the job
-timeout."""
+"""MagicFaceWorker: an RQ SimpleWorker (no fork: CUDA must not be forked) that
+
+- keeps its job's registry entry alive with short heartbeats, and while busy also runs
+  the registry maintenance RQ only runs between jobs, so a dead worker's job is failed
+  (`worker_lost`) within about WORKER_HEARTBEAT_TTL_S + WORKER_MAINTENANCE_INTERVAL_S
+  even when every other worker is busy;
+- rides out a Redis outage (restart, failover): its own Redis bookkeeping (heartbeat,
+  state, maintenance, recording a job's end) is retried with backoff for up to
+  REDIS_RETRY_S instead of ending the worker."""
 
 from __future__ import annotations
 
@@ -19,14 +24,20 @@ from rq.worker import WorkerStatus
 
 from service.keys import WORKER_ALIVE_KEY
 from service.settings import Settings
+from service.storage import Storage
+
+from .retry import REDIS_DOWN, retry
+from .sweeper import sweep_if_due
 
 log = logging.getLogger("magicface.worker")
 
 
 class MagicFaceWorker(SimpleWorker):
-    def __init__(self, queues, *, settings: Settings, connection: Redis, model: str, **kwargs):
+    def __init__(self, queues, *, settings: Settings, connection: Redis, model: str,
+                 storage: Storage | None = None, **kwargs):
         self.settings = settings
         self.model = model
+        self.storage = storage  # swept for expired jobs' objects when given
         hb = settings.worker_heartbeat_ttl_s
         super().__init__(
             queues, connection=connection,
@@ -44,17 +55,60 @@ class MagicFaceWorker(SimpleWorker):
         ttl = self.settings.worker_heartbeat_ttl_s
         info = json.dumps({"name": self.name, "model": self.model, "model_loaded": True,
                            "pid": os.getpid(), "since": time.time()})
+        last_sweep = 0.0
         while True:
             try:
                 self.connection.set(key, info, ex=ttl)
             except Exception as e:  # noqa: BLE001 - Redis may come back
                 log.warning("worker announce failed: %s", e)
-            if self._alive_stop.wait(max(1.0, ttl / 3)):
+            if (self.storage is not None
+                    and time.monotonic() - last_sweep >= self.settings.sweep_interval_s):
+                last_sweep = time.monotonic()
+                try:
+                    sweep_if_due(self.storage, self.connection, self.settings.orphan_grace_s,
+                                 self.settings.sweep_interval_s)
+                except Exception as e:  # noqa: BLE001 - the next sweep may succeed
+                    log.warning("sweep failed: %s", e)
+            if self._alive_stop.wait(max(1.0, min(ttl / 3, self.settings.sweep_interval_s))):
                 break
         try:
             self.connection.delete(key)
         except Exception:  # noqa: BLE001
             pass
+
+    # -- Redis outages -----------------------------------------------------------------
+    def _through_outage(self, what: str, fn, *args, **kwargs):
+        return retry(lambda: fn(*args, **kwargs), errors=REDIS_DOWN,
+                     within_s=self.settings.redis_retry_s, what=f"worker {what}",
+                     give_up=lambda: self.stop_requested)
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(getattr(self, "_stop_requested", False))
+
+    def heartbeat(self, *args, **kwargs):
+        return self._through_outage("heartbeat", super().heartbeat, *args, **kwargs)
+
+    def set_state(self, *args, **kwargs):
+        return self._through_outage("state", super().set_state, *args, **kwargs)
+
+    def check_for_suspension(self, *args, **kwargs):
+        return self._through_outage("suspension check", super().check_for_suspension,
+                                    *args, **kwargs)
+
+    def run_maintenance_tasks(self, *args, **kwargs):
+        return self._through_outage("maintenance", super().run_maintenance_tasks, *args,
+                                    **kwargs)
+
+    # RQ records a job's end here (success, or failure with its traceback); a Redis
+    # outage at that moment must delay the record, not lose the worker.
+    def _finalize_success(self, *args, **kwargs):
+        return self._through_outage("job success record", super()._finalize_success, *args,
+                                    **kwargs)
+
+    def _finalize_failure(self, *args, **kwargs):
+        return self._through_outage("job failure record", super()._finalize_failure, *args,
+                                    **kwargs)
 
     def work(self, *args, **kwargs):
         self._alive.start()
@@ -72,9 +126,17 @@ class MagicFaceWorker(SimpleWorker):
         stop = threading.Event()
 
         def beat() -> None:
+            last_maintenance = time.monotonic()
             while not stop.wait(max(1.0, self.settings.worker_heartbeat_ttl_s / 3)):
                 try:
                     self.maintain_heartbeats(job, execution)
+                    # RQ runs registry maintenance only between jobs; a busy worker runs
+                    # it here, after its own heartbeat, so another worker's dead job is
+                    # failed without waiting for an idle worker.
+                    if (time.monotonic() - last_maintenance
+                            >= self.settings.worker_maintenance_interval_s):
+                        last_maintenance = time.monotonic()
+                        self.clean_registries()
                 except Exception as e:  # noqa: BLE001 - the next beat may succeed
                     log.warning("heartbeat for job %s failed: %s", job.id, e)
 

@@ -226,7 +226,7 @@ def test_redis_down_is_503(tmp_path):
     app = create_app(Settings(), redis=Redis(port=free_port(), socket_connect_timeout=0.5),
                      storage=LocalStorage(tmp_path))
     with TestClient(app) as client:
-        r = client.get("/v1/jobs/abc123")
+        r = client.get("/v1/jobs/" + "ab12" * 8)  # a well-formed id: Redis is asked
         assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable"
         assert client.get("/readyz").status_code == 503
         assert client.get("/healthz").status_code == 200

@@ -19,7 +19,8 @@ def pipe() -> MagicFacePipeline:
 
 @pytest.fixture
 def runtime(pipe, redis_db, redis_server, tmp_path):
-    settings = Settings(redis_url=redis_server, storage_url=f"file://{tmp_path}")
+    settings = Settings(redis_url=redis_server, storage_url=f"file://{tmp_path}",
+                        storage_retry_s=2, redis_retry_s=5)
     storage = LocalStorage(tmp_path)
     queue = Queue("worker-test", connection=redis_db)
     old = tasks.RUNTIME

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Header, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from starlette.concurrency import run_in_threadpool
 
 from ... import jobs
 from ...errors import ApiError
-from ...keys import IDEMPOTENCY_KEY
+from ...keys import CANCEL_KEY
 from ...schemas import ErrorBody, JobState, JobView
 from ...settings import Settings
 from ...storage import Storage, StorageError, input_key, output_key, request_key
 from ...validation import Upload, body_hash, validate_request
-from ..deps import QueueDep, RedisDep, SettingsDep, StorageDep, require_api_key
+from ..deps import OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep, current_owner
+from ..request_ids import request_id
 
 log = logging.getLogger("magicface.gateway")
 
@@ -28,7 +32,8 @@ ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 503)}
 JOB_ERROR_STATUS = {jobs.JobNotFound: 404, jobs.JobFinished: 409,
                     jobs.IdempotencyConflict: 422}
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(prefix="/v1", dependencies=[Depends(current_owner)], responses=ERRORS)
+audit = logging.getLogger("magicface.audit")
 
 
 async def _read(files: list[UploadFile] | None, limit: int) -> list[Upload]:
@@ -47,7 +52,8 @@ def _accepted(view: JobView) -> JSONResponse:
 @router.post("/jobs", status_code=202, response_model=JobView,
              summary="Submit a generation job")
 async def create_job(
-    settings: SettingsDep, redis: RedisDep, queue: QueueDep, storage: StorageDep,
+    request: Request, settings: SettingsDep, redis: RedisDep, queue: QueueDep,
+    storage: StorageDep, owner: OwnerDep,
     prompt: Annotated[str, Form(description="the target prompt")],
     concepts: Annotated[str, Form(description='JSON list, one object per image: '
                                               '{"word", "weight", "reference_prompt"}')],
@@ -63,15 +69,32 @@ async def create_job(
 ) -> JSONResponse:
     image_up = await _read(images, settings.max_image_bytes)
     mask_up = await _read(masks, settings.max_image_bytes)
-    req = validate_request(prompt, concepts, image_up, mask_up, params, settings)
+    form = SubmittedForm(prompt, concepts, image_up, mask_up, params, idempotency_key)
+    # Decoding images and talking to storage and Redis block: off the event loop.
+    view = await run_in_threadpool(_create, form, owner, settings, redis, queue, storage,
+                                   request_id(request))
+    return _accepted(view)
 
+
+@dataclass
+class SubmittedForm:
+    prompt: str
+    concepts: str
+    images: list[Upload]
+    masks: list[Upload]
+    params: str | None
+    idempotency_key: str | None
+
+
+def _create(form: SubmittedForm, owner: str, settings: Settings, redis: Redis, queue: Queue,
+            storage: Storage, rid: str) -> JobView:
+    req = validate_request(form.prompt, form.concepts, form.images, form.masks, form.params,
+                           settings)
+    key = form.idempotency_key
+    digest = body_hash(form.prompt, form.concepts, form.images, form.masks, form.params)
+    if key and (existing := jobs.lookup_idempotency(redis, owner, key, digest)):
+        return jobs.describe(jobs.fetch(redis, existing, owner), queue)
     job_id = jobs.new_job_id()
-    if idempotency_key:
-        digest = body_hash(prompt, concepts, image_up, mask_up, params)
-        owner = jobs.remember_idempotency(redis, idempotency_key, job_id, digest,
-                                          settings.idempotency_ttl_s)
-        if owner != job_id:
-            return _accepted(jobs.describe(jobs.fetch(redis, owner), queue))
     try:
         storage.put(request_key(job_id), json.dumps(req.record()).encode(), "application/json")
         for i, img in enumerate(req.images):
@@ -79,42 +102,67 @@ async def create_job(
         for i, m in enumerate(req.masks):
             storage.put(input_key(job_id, "mask", i), m.data, m.content_type)
         job = jobs.enqueue(queue, job_id, req.params.steps, settings.job_timeout_s,
-                           settings.result_ttl_s)
+                           settings.result_ttl_s, owner)
     except (StorageError, RedisError) as e:
-        log.warning("job %s not created: %s", job_id, e)
-        _discard(storage, redis, job_id, idempotency_key)
-        raise ApiError(503, "unavailable", f"the job could not be stored or queued: {e}") \
-            from None
-    return _accepted(jobs.describe(job, queue))
+        log.warning("request %s: job %s not created: %s", rid, job_id, e)
+        _discard(storage, redis, job_id)
+        raise ApiError(503, "unavailable", "the job could not be stored or queued "
+                                           f"(request {rid})") from None
+    if key:
+        # The key points only at a stored, enqueued job: set it now. A racing request
+        # with the same key may have won; then ours is dropped and theirs returned.
+        ttl = min(settings.idempotency_ttl_s, settings.result_ttl_s)
+        try:
+            winner = jobs.remember_idempotency(redis, owner, key, job_id, digest, ttl)
+        except jobs.IdempotencyConflict:
+            _discard(storage, redis, job_id, job)
+            raise
+        if winner != job_id:
+            _discard(storage, redis, job_id, job)
+            return jobs.describe(jobs.fetch(redis, winner, owner), queue)
+    audit.info("job=%s owner=%s request=%s inputs=%s prompt=%r", job_id, owner, rid,
+               ",".join(hashlib.sha256(u.data).hexdigest()[:16] for u in req.images + req.masks),
+               req.prompt)
+    return jobs.describe(job, queue)
 
 
-def _discard(storage: Storage, redis: Redis, job_id: str, idempotency_key: str | None) -> None:
+def _discard(storage: Storage, redis: Redis, job_id: str, job=None) -> None:
+    """Remove a job that will not run: its queue entry (and a flag in case a worker
+    took it already) and its objects."""
+    if job is not None:
+        try:
+            redis.set(CANCEL_KEY.format(job_id), "1", ex=3600)
+            job.delete(remove_from_queue=True)
+        except RedisError:
+            pass
     try:
         storage.delete_prefix(f"jobs/{job_id}/")
     except StorageError:
         pass
-    if idempotency_key:
-        try:
-            redis.delete(IDEMPOTENCY_KEY.format(idempotency_key))
-        except RedisError:
-            pass
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="Job status and result")
-def get_job(job_id: str, redis: RedisDep, queue: QueueDep) -> JobView:
-    return jobs.describe(jobs.fetch(redis, job_id), queue)
+def get_job(job_id: str, redis: RedisDep, queue: QueueDep, owner: OwnerDep) -> JobView:
+    return jobs.describe(jobs.fetch(redis, job_id, owner), queue)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, summary="Cancel a job")
-def cancel_job(job_id: str, redis: RedisDep, queue: QueueDep) -> JobView:
-    job = jobs.fetch(redis, job_id)
-    jobs.cancel(redis, job)
+def cancel_job(job_id: str, redis: RedisDep, queue: QueueDep, owner: OwnerDep,
+               settings: SettingsDep, storage: StorageDep) -> JobView:
+    job = jobs.fetch(redis, job_id, owner)
+    if jobs.cancel(redis, job, settings.result_ttl_s) and not settings.keep_inputs:
+        try:  # it will never run: its uploads go now (the sweeper takes any left)
+            storage.delete_prefix(f"jobs/{job_id}/input/")
+            storage.delete(request_key(job_id))
+        except StorageError as e:
+            log.warning("job %s: inputs of a canceled job not deleted: %s", job_id, e)
     return jobs.describe(job, queue)
 
 
 def _download(job_id: str, name: str, redis: Redis, queue: Queue, storage: Storage,
-              settings: Settings) -> Response:
-    view = jobs.describe(jobs.fetch(redis, job_id), queue)
+              settings: Settings, owner: str, rid: str) -> Response:
+    # The owner check comes first: a presigned URL goes only to the job's owner.
+    view = jobs.describe(jobs.fetch(redis, job_id, owner), queue)
     if view.status != JobState.SUCCEEDED:
         raise ApiError(409, "not_ready",
                        f"job {job_id} is {view.status.value}, not succeeded")
@@ -127,7 +175,9 @@ def _download(job_id: str, name: str, redis: Redis, queue: Queue, storage: Stora
             raise ApiError(404, "not_found", f"job {job_id} has no {name.replace('_', ' ')}")
         body = storage.stream(key)
     except StorageError as e:
-        raise ApiError(503, "storage_unavailable", str(e)) from None
+        log.warning("request %s: download of %s failed: %s", rid, key, e)
+        raise ApiError(503, "storage_unavailable",
+                       f"storage is unavailable (request {rid})") from None
     return StreamingResponse(body, media_type="image/png")
 
 
@@ -137,13 +187,15 @@ PNG = {200: {"content": {"image/png": {}}, "description": "the PNG"},
 
 @router.get("/jobs/{job_id}/image", response_class=Response, responses=PNG,
             summary="The generated image")
-def get_image(job_id: str, redis: RedisDep, queue: QueueDep, storage: StorageDep,
-              settings: SettingsDep) -> Response:
-    return _download(job_id, "image", redis, queue, storage, settings)
+def get_image(job_id: str, request: Request, redis: RedisDep, queue: QueueDep,
+              storage: StorageDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+    return _download(job_id, "image", redis, queue, storage, settings, owner,
+                     request_id(request))
 
 
 @router.get("/jobs/{job_id}/semantic_map", response_class=Response, responses=PNG,
             summary="The final semantic map over the image")
-def get_semantic_map(job_id: str, redis: RedisDep, queue: QueueDep, storage: StorageDep,
-                     settings: SettingsDep) -> Response:
-    return _download(job_id, "semantic_map", redis, queue, storage, settings)
+def get_semantic_map(job_id: str, request: Request, redis: RedisDep, queue: QueueDep,
+                     storage: StorageDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+    return _download(job_id, "semantic_map", redis, queue, storage, settings, owner,
+                     request_id(request))

@@ -3,45 +3,64 @@
 from __future__ import annotations
 
 import json
+import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
 
 from ... import metrics
 from ...errors import ApiError
 from ...keys import WORKER_ALIVE_KEY
 from ...schemas import ErrorBody
-from ..deps import QueueDep, RedisDep
+from ...storage import StorageError
+from ..deps import QueueDep, RedisDep, StorageDep, current_owner
+from ..request_ids import request_id
 
 router = APIRouter()
+log = logging.getLogger("magicface.gateway")
 
 
 @router.get("/healthz", summary="The process is up")
-def healthz() -> dict:
+async def healthz() -> dict:  # on the event loop: never queued behind blocking work
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis answers and a worker with its model loaded is registered",
-            responses={503: {"model": ErrorBody}})
-def readyz(redis: RedisDep) -> dict:
+@router.get("/readyz", summary="Redis and storage answer, and a worker with its model "
+                              "loaded is registered", responses={503: {"model": ErrorBody}})
+def readyz(request: Request, redis: RedisDep, storage: StorageDep) -> dict:
+    rid = request_id(request)
     try:
         redis.ping()
         workers = [json.loads(v) for k in redis.scan_iter(WORKER_ALIVE_KEY.format("*"))
                    if (v := redis.get(k)) is not None]
     except RedisError as e:
-        raise ApiError(503, "redis_unavailable", f"Redis does not answer: {e}") from None
+        log.warning("request %s: readyz: Redis: %s", rid, e)
+        raise ApiError(503, "redis_unavailable",
+                       f"the job store does not answer (request {rid})") from None
+    try:
+        storage.check()
+    except StorageError as e:
+        log.warning("request %s: readyz: storage: %s", rid, e)
+        raise ApiError(503, "storage_unavailable",
+                       f"storage does not answer (request {rid})") from None
     ready = [w for w in workers if w.get("model_loaded")]
     if not ready:
         raise ApiError(503, "no_worker", "no worker with a loaded model is registered")
     return {"status": "ready", "workers": len(ready)}
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
-            responses={200: {"content": {"text/plain": {}}}})
-def metrics_endpoint(redis: RedisDep, queue: QueueDep) -> Response:
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (with an API "
+            "key when keys are set; METRICS_PORT serves them keyless on their own port)",
+            responses={200: {"content": {"text/plain": {}}}},
+            dependencies=[Depends(current_owner)])
+async def metrics_endpoint(request: Request, redis: RedisDep, queue: QueueDep) -> Response:
     try:
-        body = metrics.render(redis, queue)
+        body = await run_in_threadpool(metrics.render, redis, queue)
     except RedisError as e:
-        raise ApiError(503, "redis_unavailable", f"Redis does not answer: {e}") from None
+        log.warning("request %s: metrics: Redis: %s", request_id(request), e)
+        raise ApiError(503, "redis_unavailable",
+                       f"the job store does not answer (request {request_id(request)})") \
+            from None
     return Response(body, media_type="text/plain; version=0.0.4")

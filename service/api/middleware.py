@@ -1,0 +1,95 @@
+"""The gateway's outer layer (plain ASGI): request ids, the body limit counted as the
+body streams in (never trusting Content-Length alone), a stalled-body timeout, and
+the key guard on the API documents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from starlette.exceptions import HTTPException
+
+from ..settings import Settings
+from .deps import authorized_owner
+from .request_ids import HEADER, new_request_id
+
+__all__ = ["GatewayMiddleware", "BodyTooLarge", "BodyTimeout", "DOCS_PATHS"]
+
+DOCS_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+# Multipart framing adds a little over the files themselves.
+FRAMING_BYTES = 2**20
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once the body passes the limit: reading stops there.
+    (An HTTPException, so FastAPI's body parsing passes it on unchanged.)"""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over the {limit}-byte limit")
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body stalled for {seconds:g} s")
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class GatewayMiddleware:
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s = self.settings
+        rid = new_request_id(_header(scope, HEADER.encode()))
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (HEADER.encode(), rid.encode())]}
+            await send(message)
+
+        if (scope["path"] in DOCS_PATHS and s.api_key_set and not s.public_docs
+                and authorized_owner(s, _header(scope, b"authorization")) is None):
+            return await _reply(send_with_id, 401, "unauthorized",
+                                "Authorization: Bearer <API key> is required")
+        limit = s.max_request_bytes + FRAMING_BYTES
+        length = _header(scope, b"content-length")
+        if length and length.isdigit() and int(length) > limit:
+            return await _reply(send_with_id, 413, "request_too_large",
+                                f"request body of {length} bytes is over the "
+                                f"{s.max_request_bytes}-byte limit")
+        received, done = 0, False
+
+        async def counted_receive():
+            nonlocal received, done
+            if done:  # after the body: waiting for a disconnect, no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), s.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(s.body_timeout_s) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if received > limit:
+                    raise BodyTooLarge(s.max_request_bytes)
+            return message
+
+        await self.app(scope, counted_receive, send_with_id)
+
+
+async def _reply(send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
