@@ -4,6 +4,7 @@ METRICS_PORT, keyless Prometheus metrics on that port for the scraper)."""
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
 
@@ -14,6 +15,9 @@ from .settings import Settings
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The event loop shares the GIL with the threads that decode and store uploads: a
+    # shorter switch interval lets it answer probes and new requests sooner.
+    sys.setswitchinterval(0.001)
     settings = Settings()
     app = create_app(settings)
     if settings.metrics_port:

@@ -20,17 +20,22 @@ DOCS_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redire
 FRAMING_BYTES = 2**20
 
 
+# The connection is closed after these answers: otherwise the server would go on
+# reading (and discarding) the rest of a body nobody wants.
+CLOSE = {"Connection": "close"}
+
+
 class BodyTooLarge(HTTPException):
     """Raised from `receive` once the body passes the limit: reading stops there.
     (An HTTPException, so FastAPI's body parsing passes it on unchanged.)"""
 
     def __init__(self, limit: int):
-        super().__init__(413, f"request body over the {limit}-byte limit")
+        super().__init__(413, f"request body over the {limit}-byte limit", headers=CLOSE)
 
 
 class BodyTimeout(HTTPException):
     def __init__(self, seconds: float):
-        super().__init__(408, f"the request body stalled for {seconds:g} s")
+        super().__init__(408, f"the request body stalled for {seconds:g} s", headers=CLOSE)
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -43,6 +48,10 @@ def _header(scope, name: bytes) -> str | None:
 class GatewayMiddleware:
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
+        # Job submissions are read, parsed and stored a few at a time: the rest wait in
+        # the socket (TCP holds them back), and the event loop stays free to answer
+        # probes and reads promptly.
+        self.upload_slots = asyncio.Semaphore(settings.upload_concurrency)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -84,6 +93,9 @@ class GatewayMiddleware:
                     raise BodyTooLarge(s.max_request_bytes)
             return message
 
+        if scope["method"] == "POST" and scope["path"] == "/v1/jobs":
+            async with self.upload_slots:
+                return await self.app(scope, counted_receive, send_with_id)
         await self.app(scope, counted_receive, send_with_id)
 
 
@@ -91,5 +103,6 @@ async def _reply(send, status: int, code: str, message: str) -> None:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

@@ -149,3 +149,67 @@ class Stack:
                 return view
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} did not reach {statuses}: {view}")
+
+
+class OwnRedis:
+    """A redis-server of a test's own, with an append-only file, that can be stopped
+    (state saved) and started again on the same port: an outage or a restart."""
+
+    def __init__(self, directory: Path):
+        self.dir, self.port = directory, free_port()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                redis.Redis.from_url(self.url).shutdown(save=True)
+            except redis.RedisError:
+                pass  # shutdown closes the connection under the client
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+class OwnS3:
+    """A moto S3 server of a test's own that can be stopped and started again on the
+    same port with its objects kept (moto keeps them in this process)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        for _ in range(50):
+            try:
+                self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port,
+                                                 verbose=False)
+                self.server.start()
+                return
+            except OSError:  # the port may still be closing
+                time.sleep(0.1)
+        raise RuntimeError("moto server did not start")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None

@@ -28,6 +28,8 @@ def test_compose_runs_redis_minio_api_and_a_gpu_worker():
             assert key in known or key.startswith("AWS_") or key == "HF_HOME", key
     for dep in ("redis", "minio"):
         assert services["api"]["depends_on"][dep]["condition"] == "service_healthy"
+    # A process that exits (a worker outlasting REDIS_RETRY_S, say) is started again.
+    assert services["api"]["restart"] == services["worker"]["restart"] == "unless-stopped"
 
 
 def test_dockerfile_installs_the_project_and_runs_the_gateway():

@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from starlette.concurrency import run_in_threadpool
 
 from ... import jobs
 from ...errors import ApiError
@@ -70,10 +71,19 @@ async def create_job(
     image_up = await _read(images, settings.max_image_bytes)
     mask_up = await _read(masks, settings.max_image_bytes)
     form = SubmittedForm(prompt, concepts, image_up, mask_up, params, idempotency_key)
-    # Decoding images and talking to storage and Redis block: off the event loop.
-    view = await run_in_threadpool(_create, form, owner, settings, redis, queue, storage,
-                                   request_id(request))
+    # Decoding images and talking to storage and Redis block: off the event loop, and
+    # a few at a time (more threads than cores only fight the event loop for the GIL).
+    view = await anyio.to_thread.run_sync(
+        lambda: _create(form, owner, settings, redis, queue, storage, request_id(request)),
+        limiter=_limiter(request))
     return _accepted(view)
+
+
+def _limiter(request: Request) -> anyio.CapacityLimiter:
+    state = request.app.state
+    if getattr(state, "create_limiter", None) is None:
+        state.create_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    return state.create_limiter
 
 
 @dataclass
