@@ -30,6 +30,7 @@ class ErrorCode(str, Enum):
     STORAGE_ERROR = "storage_error"  # inputs unreadable or results not stored
     TIMEOUT = "timeout"  # over JOB_TIMEOUT_S
     WORKER_LOST = "worker_lost"  # the worker died mid-job
+    UNSAFE_CONTENT = "unsafe_content"  # SAFETY_CHECKER=block flagged the image
     INTERNAL_ERROR = "internal_error"  # anything else
 
 

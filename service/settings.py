@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     sweep_interval_s: int = 300  # how often a worker deletes expired jobs' objects
     orphan_grace_s: int = 3600  # objects with no job record, older than this, are deleted
     safety_checker: str = "off"  # off | warn | block (needs the checkpoint's checker)
+    safety_checker_model: str | None = None  # the checker's folder or hub id
 
     @property
     def api_key_set(self) -> frozenset[str]:

@@ -32,6 +32,20 @@ def load_pipeline(settings: Settings):
     return pipe
 
 
+def load_safety_checker(settings: Settings, device, log):
+    """The safety checker SAFETY_CHECKER asks for, or None (off, or no weights)."""
+    if settings.safety_checker == "off":
+        return None
+    from magicface_core.safety import SafetyChecker, find_safety_checker
+
+    source = find_safety_checker(settings.magicface_model, settings.safety_checker_model)
+    if source is None:
+        log.warning("SAFETY_CHECKER=%s but no checker weights were found (set "
+                    "SAFETY_CHECKER_MODEL): images are not checked", settings.safety_checker)
+        return None
+    return SafetyChecker.from_pretrained(source, device=device)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
@@ -45,8 +59,9 @@ def main() -> None:
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
                            region=settings.s3_region, public_url=settings.s3_public_url)
     pipe = load_pipeline(settings)
-    tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage, redis=redis)
     log = logging.getLogger("magicface.worker")
+    tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage, redis=redis,
+                                  safety=load_safety_checker(settings, pipe.device, log))
     log.info("model %s loaded on %s", settings.magicface_model, pipe.device)
     # RQ's loop ends on an error it does not handle (a Redis outage outlasting
     # REDIS_RETRY_S, say): start it again, model still loaded, unless asked to stop.

@@ -44,6 +44,7 @@ class Runtime:
     settings: Settings
     storage: Storage
     redis: Redis
+    safety: Any = None  # a SafetyChecker when SAFETY_CHECKER is warn or block
 
 
 RUNTIME: Runtime | None = None
@@ -126,6 +127,7 @@ def generate(job_id: str) -> dict:
             res = run(rt, job, job_id, prompt, concepts, config)
         except JobCanceled:
             return _canceled(job, rt)
+        check_safety(rt, job, job_id, res)
         result = store(rt, job, job_id, res)
         return record(rt, job, res, result, time.monotonic() - started)
     finally:
@@ -210,6 +212,19 @@ def run(rt: Runtime, job, job_id: str, prompt: str, concepts, config):
         raise _fail(rt, job, ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory") from None
     except MagicFaceInputError as e:
         raise _fail(rt, job, ErrorCode.INVALID_INPUT, str(e)) from None
+
+
+def check_safety(rt: Runtime, job, job_id: str, res) -> None:
+    """SAFETY_CHECKER: `warn` marks a flagged image in the job's record and logs it;
+    `block` fails the job (`unsafe_content`) and nothing is stored."""
+    mode = rt.settings.safety_checker
+    if rt.safety is None or mode == "off" or not rt.safety.flags(res.image):
+        return
+    log.warning("job %s: the safety checker flagged the image (%s)", job_id, mode)
+    if mode == "block":
+        raise _fail(rt, job, ErrorCode.UNSAFE_CONTENT,
+                    "the safety checker withheld the image")
+    job.meta["flagged"] = True
 
 
 def store(rt: Runtime, job, job_id: str, res) -> dict:

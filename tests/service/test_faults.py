@@ -54,6 +54,7 @@ def test_redis_stopped_mid_job(own_redis, tmp_path):
         time.sleep(10)
         own_redis.start()
         done = stack.wait(job["id"], timeout=180)
+        print(f"Redis down 10 s mid-job: the job ended {done['status']}")
         assert done["status"] == "succeeded", (done, stack.log("worker0"))
         assert worker.poll() is None, "the worker died in the outage"
         after = stack.wait(stack.submit_job(trio_job(1), SMALL)["id"], timeout=120)
@@ -80,6 +81,8 @@ def test_storage_stopped_while_jobs_wait(redis_db, redis_server, tmp_path):
         s3.start()
         views = [stack.wait(j["id"], timeout=120) for j in jobs]
         assert [v["status"] for v in views] == ["succeeded"] * 3, stack.log("worker0")
+        print(f"S3 down 10 s: 3 jobs succeeded {time.monotonic() - down_at:.1f} s after it "
+              "went down")
         assert time.monotonic() - down_at >= 10
         assert stack.client.get(f"/v1/jobs/{jobs[0]['id']}/image").status_code == 200
     finally:
@@ -109,6 +112,7 @@ def test_two_gateways_racing_one_idempotency_key(redis_db, redis_server, s3_endp
         assert statuses == [202], [r.text for r in answers if r.status_code != 202][:3]
         ids = {r.json()["id"] for r in answers}
         assert len(ids) == 1
+        print("60 POSTs, one Idempotency-Key, two gateways: all 202, one job")
         (job_id,) = ids
         other = {"Authorization": "Bearer beta"}
         for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/image"):
@@ -142,6 +146,8 @@ def test_nothing_of_a_job_is_left_after_its_ttl(redis_db, redis_server, tmp_path
         while time.monotonic() < deadline and job_dir.exists():
             time.sleep(0.5)
         assert not job_dir.exists(), sorted(p.name for p in job_dir.rglob("*"))
+        print(f"RESULT_TTL_S=4: the job's objects were gone {30 - (deadline - time.monotonic()):.1f}"
+              " s after it succeeded")
         assert stack.client.get(f"/v1/jobs/{job['id']}").status_code == 404
     finally:
         stack.stop()
@@ -278,6 +284,8 @@ def test_a_dead_workers_job_fails_while_the_other_worker_is_busy(redis_db, redis
         killed = time.monotonic()
         done = stack.wait(victim["id"], ("failed",), timeout=4 + 10 + 5)
         assert done["error"]["code"] == "worker_lost"
+        print(f"dead worker's job failed worker_lost {time.monotonic() - killed:.1f} s after "
+              "the SIGKILL, the other worker busy")
         assert time.monotonic() - killed <= 4 + 10
         assert stack.client.get(f"/v1/jobs/{busy['id']}").json()["status"] == "running"
         stack.client.post(f"/v1/jobs/{busy['id']}/cancel")

@@ -157,3 +157,16 @@ def test_an_idempotency_key_whose_job_expired_makes_a_new_job(api):
     api.app.state.redis.delete(f"rq:job:{a['id']}")  # the record expired
     b = submit(api, {"Idempotency-Key": "k"})
     assert b.status_code == 202 and b.json()["id"] != a["id"]
+
+
+def test_every_job_leaves_an_audit_line(keyed, caplog):
+    import hashlib
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="magicface.audit"):
+        job = submit(keyed, K1, prompt="a man wearing a hat").json()
+    line = next(r.getMessage() for r in caplog.records if r.name == "magicface.audit")
+    assert f"job={job['id']}" in line and "prompt='a man wearing a hat'" in line
+    owner = "k" + hashlib.sha256(b"key-one").hexdigest()[:16]
+    assert f"owner={owner}" in line and "key-one" not in line
+    assert hashlib.sha256(png()).hexdigest()[:16] in line

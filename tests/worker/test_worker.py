@@ -216,3 +216,68 @@ def test_the_sweeper_deletes_what_no_record_names(runtime):
     assert sweep(rt.storage, rt.redis, grace_s=60) == [expired]
     ages = rt.storage.job_ages()
     assert kept.id in ages and young in ages and expired not in ages
+
+
+def tiny_safety_checker(folder, threshold: float):
+    """A random-weight StableDiffusionSafetyChecker from a config, saved as an SD
+    checkpoint keeps it; `threshold` below -1 flags every image, above 1 none."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(vision_config={"hidden_size": 16, "intermediate_size": 32,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "image_size": 32, "patch_size": 8},
+                     text_config={"hidden_size": 16, "intermediate_size": 32,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2},
+                     projection_dim=768)
+    model = StableDiffusionSafetyChecker(cfg)
+    with torch.no_grad():
+        model.concept_embeds_weights.fill_(threshold)
+        model.special_care_embeds_weights.fill_(threshold)
+    model.save_pretrained(folder / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                       ).save_pretrained(folder / "feature_extractor")
+    return folder
+
+
+@pytest.mark.parametrize("mode,threshold,status", [("block", -10.0, "failed"),
+                                                   ("warn", -10.0, "succeeded"),
+                                                   ("block", 10.0, "succeeded")])
+def test_the_safety_checker_warns_or_blocks(runtime, tmp_path, mode, threshold, status):
+    import logging
+
+    from magicface_core.safety import SafetyChecker, find_safety_checker
+    from worker.__main__ import load_safety_checker
+
+    rt, queue = runtime
+    folder = tiny_safety_checker(tmp_path / "checkpoint", threshold)
+    assert find_safety_checker(str(folder)) == str(folder)
+    settings = rt.settings.model_copy(update={"safety_checker": mode,
+                                              "safety_checker_model": str(folder)})
+    rt.settings = settings
+    rt.safety = load_safety_checker(settings, "cpu", logging.getLogger("test"))
+    assert isinstance(rt.safety, SafetyChecker)
+    job = submit(rt.storage, queue)
+    run_burst(rt, queue)
+    view = describe(job, queue)
+    assert view["status"] == status, view
+    stored = rt.storage.exists(f"jobs/{job.id}/output/image.png")
+    if status == "failed":
+        assert view["error"]["code"] == "unsafe_content" and not stored
+    else:
+        assert stored
+        job.refresh()
+        assert job.meta.get("flagged", False) is (mode == "warn")
+
+
+def test_no_checker_weights_means_no_checker(runtime):
+    import logging
+
+    from worker.__main__ import load_safety_checker
+
+    rt, _ = runtime
+    settings = rt.settings.model_copy(update={"safety_checker": "block"})
+    assert load_safety_checker(settings, "cpu", logging.getLogger("test")) is None
