@@ -146,8 +146,9 @@ def test_nothing_of_a_job_is_left_after_its_ttl(redis_db, redis_server, tmp_path
         while time.monotonic() < deadline and job_dir.exists():
             time.sleep(0.5)
         assert not job_dir.exists(), sorted(p.name for p in job_dir.rglob("*"))
-        print(f"RESULT_TTL_S=4: the job's objects were gone {30 - (deadline - time.monotonic()):.1f}"
-              " s after it succeeded")
+        gone_after = 30 - (deadline - time.monotonic())
+        print(f"RESULT_TTL_S=4: the job's objects were gone {gone_after:.1f} s after it "
+              "succeeded")
         assert stack.client.get(f"/v1/jobs/{job['id']}").status_code == 404
     finally:
         stack.stop()
