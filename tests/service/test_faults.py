@@ -310,3 +310,21 @@ def test_a_cold_shutdown_is_worker_lost(redis_db, redis_server, tmp_path):
         assert done["error"]["code"] == "worker_lost", done
     finally:
         stack.stop()
+
+
+def test_a_stalled_body_is_dropped(redis_db, redis_server, tmp_path):
+    import socket
+
+    stack = stack_for(tmp_path, "stall", REDIS_URL=redis_server,
+                      STORAGE_URL=f"file://{tmp_path / 'store'}", BODY_TIMEOUT_S=1)
+    try:
+        stack.start_gateway()
+        with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                         b"Content-Type: multipart/form-data; boundary=x\r\n\r\n--x\r\n")
+            started = time.monotonic()
+            reply = sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"request_timeout" in reply and time.monotonic() - started < 5
+    finally:
+        stack.stop()
