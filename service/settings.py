@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     public_docs: bool = False  # /docs and /openapi.json without a key (when keys are set)
     metrics_port: int | None = None  # also serve /metrics, keyless, on this port
     body_timeout_s: float = 30.0  # a request body that stalls this long is dropped (408)
-    upload_concurrency: int = Field(default=4, ge=1)  # job submissions read at once
+    upload_concurrency: int = Field(default=2, ge=1)  # job submissions read at once
 
     # Worker.
     device: str | None = None  # default: cuda if available

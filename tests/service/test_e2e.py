@@ -52,9 +52,8 @@ def test_two_concept_job_with_file_storage(file_stack, tmp_path):
     stored = sorted(p.relative_to(tmp_path / "store").as_posix()
                     for p in (tmp_path / "store").rglob("*") if p.is_file())
     jid = view["id"]
-    assert stored == sorted([f"jobs/{jid}/request.json", f"jobs/{jid}/input/image_0",
-                             f"jobs/{jid}/input/image_1", f"jobs/{jid}/input/mask_0",
-                             f"jobs/{jid}/input/mask_1", f"jobs/{jid}/output/image.png",
+    # The uploads went when the job ended (KEEP_INPUTS=false); the outputs stay.
+    assert stored == sorted([f"jobs/{jid}/output/image.png",
                              f"jobs/{jid}/output/semantic_map.png"])
 
 
