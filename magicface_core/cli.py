@@ -7,13 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from .overlay import overlay_semantic_map
+
 __all__ = ["main", "parse_concept", "overlay_semantic_map"]
 
 _CONCEPT_KEYS = ("mask", "weight", "ref", "box")
 
-# Label colours: background transparent, then distinct hues per concept.
-PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
 
 
 def parse_concept(spec: str) -> dict:
@@ -56,22 +55,6 @@ def parse_concept(spec: str) -> dict:
         else:
             out[key] = value
     return out
-
-
-def overlay_semantic_map(image, labels, alpha: float = 0.5):
-    """The image with each concept's region tinted in its palette colour."""
-    import numpy as np
-    from PIL import Image
-
-    lab = Image.fromarray(labels.numpy().astype(np.uint8), "L").resize(image.size,
-                                                                      Image.Resampling.NEAREST)
-    lab = np.asarray(lab)
-    colours = np.asarray([PALETTE[i % len(PALETTE)] for i in range(int(lab.max()) + 1)],
-                         dtype=np.float32)
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    tint = colours[lab]
-    blend = np.where((lab > 0)[..., None], (1 - alpha) * base + alpha * tint, base)
-    return Image.fromarray(blend.round().astype(np.uint8))
 
 
 def _model_options(g: argparse.ArgumentParser) -> None:

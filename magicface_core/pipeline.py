@@ -3,6 +3,7 @@ prepare the call, run a loop, decode)."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,19 @@ class MagicFacePipeline:
     def components(self) -> Components:
         return Components(self.unet, self.vae, self.text_encoder, self.tokenizer,
                           self.scheduler)
+
+    def weights_sha256(self) -> str:
+        """SHA-256 over every weight of the UNet, VAE and text encoder (names, dtypes,
+        shapes and values, in name order): which weights made an image, whatever path
+        or hub revision they came from. Reads all weights once (seconds for SD1.5)."""
+        h = hashlib.sha256()
+        for prefix, module in (("unet", self.unet), ("vae", self.vae),
+                               ("text_encoder", self.text_encoder)):
+            for name, t in sorted(module.state_dict().items()):
+                t = t.detach().contiguous().cpu()
+                h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_components(self.components, directory)

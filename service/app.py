@@ -9,16 +9,23 @@ imports torch: validation uses Pillow and the library's torch-free config.
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq import Queue
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import jobs
+from .api import openapi
 from .api.middleware import GatewayMiddleware
 from .api.request_ids import request_id
 from .api.routes import jobs as job_routes
@@ -39,7 +46,11 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     settings = settings or Settings()
     app = FastAPI(title="MagicFace", version="1.0.0",
                   description="Training-free universal-style human image customization: "
-                              "submit a prompt and one reference per concept, poll, download.")
+                              "submit a prompt and one reference per concept; follow the "
+                              "job by polling, server-sent events or signed webhooks; "
+                              "download the image.",
+                  lifespan=_lifespan, docs_url=None, redoc_url=None,
+                  generate_unique_id_function=lambda route: route.name)
     app.state.settings = settings
     app.state.redis = redis or Redis.from_url(settings.redis_url, socket_timeout=5,
                                               socket_connect_timeout=3)
@@ -51,11 +62,93 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     _install_error_handlers(app)
     app.include_router(job_routes.router)
     app.include_router(probe_routes.router)
+    _install_page(app)
+    _install_docs(app)
     return app
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    # Blocking reads of event streams (SSE, Prefer: wait) park on the event loop, not
+    # in threads: an async client, made in the loop that serves.
+    app.state.aredis = AsyncRedis.from_url(app.state.settings.redis_url,
+                                           socket_connect_timeout=3, socket_timeout=60)
+    try:
+        yield
+    finally:
+        await app.state.aredis.aclose()
+
+
+def _our_validation_errors(doc: dict) -> None:
+    """FastAPI documents its own 422 body; ours is the one error shape."""
+    for ops in doc.get("paths", {}).values():
+        for op in ops.values():
+            r = op.get("responses", {}).get("422")
+            if r and "HTTPValidationError" in str(r):
+                op["responses"]["422"] = {
+                    "description": "`error.code`: " + ", ".join(openapi.ERROR_CODES[422]),
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+
+
+def _install_docs(app: FastAPI) -> None:
+    """Swagger UI and ReDoc from assets shipped in a Python package (fastapi-offline),
+    so /docs works without internet; the schema gains the models only the hand-written
+    request bodies name."""
+    import fastapi_offline
+
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="MagicFace API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="MagicFace API",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png",
+                              with_google_fonts=False)
+
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version,
+                              description=app.description, routes=app.routes)
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in openapi.EXTRA_SCHEMAS:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in js.pop("$defs", {}).items():
+                    components.setdefault(name, sub)
+                components.setdefault(model.__name__, js)
+            _our_validation_errors(doc)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = schema
+
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _install_page(app: FastAPI) -> None:
+    """The web page at / (plain files, no build step); it calls the API with the key
+    the user types, so the page itself needs none."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
 def _json(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

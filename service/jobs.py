@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from redis import Redis
@@ -18,13 +20,35 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from . import metrics
-from .keys import CANCEL_KEY, IDEMPOTENCY_KEY
-from .schemas import ErrorCode, ErrorDetail, JobResult, JobState, JobView, Progress
+from . import events, metrics
+from .keys import (
+    CANCEL_KEY,
+    DEADLINES_KEY,
+    DELETED_KEY,
+    DURATION_KEY,
+    IDEMPOTENCY_KEY,
+    OWNER_JOBS_KEY,
+    WEBHOOK_KEY,
+    WEBHOOK_LOG_KEY,
+    WORKER_ALIVE_KEY,
+)
+from .schemas import (
+    ErrorCode,
+    ErrorDetail,
+    EventType,
+    JobResult,
+    JobState,
+    JobView,
+    LegendEntry,
+    Progress,
+    Reproducibility,
+)
 
 __all__ = ["JOB_FUNC", "JobError", "JobNotFound", "JobFinished", "IdempotencyConflict",
            "new_job_id", "enqueue", "fetch", "status_of", "describe", "cancel",
-           "remember_idempotency", "lookup_idempotency", "idempotency_name", "ANONYMOUS"]
+           "remember_idempotency", "lookup_idempotency", "idempotency_name", "ANONYMOUS",
+           "live_workers", "mean_duration", "publish_end", "list_jobs", "delete", "purge",
+           "expire", "legend", "Webhook", "InvalidCursor"]
 
 JOB_FUNC = "worker.tasks.generate"
 # The owner of jobs made without API keys configured.
@@ -56,22 +80,52 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def _iso(dt: datetime | None) -> str | None:
+def _utc(dt: datetime | None) -> datetime | None:
     if dt is None:
         return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.isoformat().replace("+00:00", "Z")
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    events: frozenset[EventType]
 
 
 def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s: int,
-            owner: str = ANONYMOUS) -> Job:
-    return queue.enqueue(
-        JOB_FUNC, job_id, job_id=job_id, job_timeout=timeout_s, result_ttl=result_ttl_s,
-        failure_ttl=result_ttl_s,
-        meta={"state": JobState.QUEUED.value, "progress": {"step": 0, "total": steps},
-              "owner": owner},
-    )
+            owner: str = ANONYMOUS, *, deadline: float | None = None,
+            queue_deadline: float | None = None,
+            webhook: Webhook | None = None, legend: list[dict] | None = None,
+            inputs_sha256: list[str] | None = None) -> Job:
+    """Queue the job, with its webhook, deadlines and owner index, and append its
+    `queued` event. Epoch seconds: unfinished by `deadline` (Cancel-After), or not
+    started by `queue_deadline` (QUEUE_TTL_S), the job expires."""
+    redis = queue.connection
+    ttl = result_ttl_s + 3600
+    meta = {"state": JobState.QUEUED.value, "progress": {"step": 0, "total": steps},
+            "owner": owner, "legend": legend or [], "inputs_sha256": inputs_sha256 or []}
+    if deadline is not None:
+        meta["deadline"] = deadline
+    if queue_deadline is not None:
+        meta["queue_deadline"] = queue_deadline
+    if webhook is not None:
+        meta["webhook"] = {"url": webhook.url, "events": sorted(e.value for e in webhook.events)}
+        # Set before the job exists in the queue: its first event must find it.
+        redis.hset(WEBHOOK_KEY.format(job_id), mapping={
+            "url": webhook.url, "events": "," + ",".join(e.value for e in webhook.events) + ","})
+        redis.expire(WEBHOOK_KEY.format(job_id), ttl)
+    job = queue.enqueue(JOB_FUNC, job_id, job_id=job_id, job_timeout=timeout_s,
+                        result_ttl=result_ttl_s, failure_ttl=result_ttl_s, meta=meta)
+    pipe = redis.pipeline()
+    pipe.zadd(OWNER_JOBS_KEY.format(owner), {job_id: time.time()})
+    due = [d for d in (deadline, queue_deadline) if d is not None]
+    if due:
+        pipe.zadd(DEADLINES_KEY, {job_id: min(due)})
+    pipe.hincrbyfloat(metrics.METRICS_KEY, "jobs_submitted", 1)
+    pipe.execute()
+    events.publish(redis, job_id, EventType.QUEUED, describe(job, queue).model_dump(mode="json"),
+                   ttl)
+    return job
 
 
 def fetch(redis: Redis, job_id: str, owner: str | None = None) -> Job:
@@ -85,6 +139,8 @@ def fetch(redis: Redis, job_id: str, owner: str | None = None) -> Job:
     except NoSuchJobError:
         raise missing from None
     if owner is not None and job.meta.get("owner", ANONYMOUS) != owner:
+        raise missing
+    if redis.exists(DELETED_KEY.format(job_id)):
         raise missing
     return job
 
@@ -112,60 +168,261 @@ def _failure_error(job: Job) -> ErrorDetail:
 
 def status_of(job: Job) -> JobState:
     rq_status = job.get_status(refresh=False)
-    if job.meta.get("state") == JobState.CANCELED or rq_status == JobStatus.CANCELED:
+    state = job.meta.get("state")
+    if state == JobState.EXPIRED:
+        return JobState.EXPIRED
+    if state == JobState.CANCELED or rq_status == JobStatus.CANCELED:
         return JobState.CANCELED
     if rq_status in (JobStatus.FAILED, JobStatus.STOPPED):
         return JobState.FAILED
     if rq_status == JobStatus.FINISHED:
-        return JobState.SUCCEEDED  # a job canceled mid-run also finishes; see above
+        return JobState.SUCCEEDED  # a job canceled or expired mid-run also finishes
     if rq_status == JobStatus.STARTED:
         return JobState.RUNNING
     return JobState.QUEUED
 
 
-def describe(job: Job, queue: Queue) -> JobView:
+def publish_end(redis: Redis, job: Job, queue: Queue, record_ttl_s: int) -> bool:
+    """The job's terminal event with its final view, if the job has ended (once per
+    job: later calls are no-ops). True when the job has ended."""
     job.refresh()
+    view = describe(job, queue, refresh=False)
+    if not view.status.terminal:
+        return False
+    events.publish(redis, job.id, EventType(view.status.value),
+                   view.model_dump(mode="json"), record_ttl_s + 3600)
+    return True
+
+
+def live_workers(redis: Redis, queue_name: str) -> list[dict]:
+    """The registered workers (with their model loaded) serving `queue_name`."""
+    out = []
+    for k in redis.scan_iter(WORKER_ALIVE_KEY.format("*")):
+        raw = redis.get(k)
+        if raw is None:
+            continue
+        info = json.loads(raw)
+        if info.get("model_loaded") and info.get("queue", queue_name) == queue_name:
+            out.append(info)
+    return out
+
+
+def mean_duration(redis: Redis) -> float | None:
+    count, total = redis.hmget(DURATION_KEY, "count", "sum")
+    if not count or float(count) <= 0:
+        return None
+    return float(total) / float(count)
+
+
+def legend(words: list[str]) -> list[dict]:
+    """Each concept's tint in the semantic map (the palette the worker draws with)."""
+    from magicface_core.overlay import concept_color
+
+    return [{"word": w, "color": "#{:02x}{:02x}{:02x}".format(*concept_color(i))}
+            for i, w in enumerate(words)]
+
+
+def _ts(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(float(epoch), tz=timezone.utc)
+
+
+def _stage(status: JobState, progress: dict) -> str:
+    if status == JobState.QUEUED:
+        return "queued"
+    if status.terminal:
+        return "done"
+    return progress.get("stage") or "loading"
+
+
+def describe(job: Job, queue: Queue, *, refresh: bool = True) -> JobView:
+    if refresh:
+        job.refresh()
+    meta = job.meta
     status = status_of(job)
-    progress = job.meta.get("progress") or {"step": 0, "total": 0}
+    if status == JobState.RUNNING and queue.connection.exists(CANCEL_KEY.format(job.id)):
+        status = JobState.CANCEL_REQUESTED  # the flag stops it at its next step
+    p = meta.get("progress") or {"step": 0, "total": 0}
+    step, total = int(p.get("step", 0)), int(p.get("total", 0))
+    if status == JobState.SUCCEEDED:
+        step = total
+    progress = Progress(step=step, total=total,
+                        percent=round(100.0 * step / total, 1) if total else 0.0,
+                        eta_s=None if status.terminal else p.get("eta_s"),
+                        stage=_stage(status, p))
+    position = eta = None
+    if status == JobState.QUEUED:
+        position = queue.get_job_position(job.id)
+        mean = mean_duration(queue.connection)
+        if position is not None and mean is not None:
+            workers = max(1, len(live_workers(queue.connection, queue.name)))
+            # The jobs ahead, shared among the workers, then this one.
+            eta = round((position // workers + 1) * mean, 1)
+    elif not status.terminal:
+        eta = progress.eta_s
     result = None
     if status == JobState.SUCCEEDED:
-        has_map = (job.meta.get("result") or {}).get("semantic_map")
+        has_map = (meta.get("result") or {}).get("semantic_map")
         result = JobResult(image_url=f"/v1/jobs/{job.id}/image",
                            semantic_map_url=f"/v1/jobs/{job.id}/semantic_map" if has_map
-                           else None)
+                           else None,
+                           semantic_map_legend=[LegendEntry(**e) for e in meta.get("legend", [])]
+                           if has_map else [])
+    error = None
+    if status == JobState.FAILED:
+        error = _failure_error(job)
+    elif status == JobState.EXPIRED:
+        error = ErrorDetail(code=ErrorCode.DEADLINE_EXCEEDED,
+                            message="the job's deadline passed before it finished")
+    elif status == JobState.CANCELED:
+        error = ErrorDetail(code=ErrorCode.CANCELED, message="the job was canceled")
+    repro = meta.get("reproducibility")
+    hook = meta.get("webhook")
     return JobView(
-        id=job.id, status=status,
-        progress=Progress(step=int(progress.get("step", 0)),
-                          total=int(progress.get("total", 0))),
-        queue_position=queue.get_job_position(job.id) if status == JobState.QUEUED else None,
-        created_at=_iso(job.created_at), started_at=_iso(job.started_at),
-        finished_at=_iso(job.ended_at) if status.terminal else None,
-        error=_failure_error(job) if status == JobState.FAILED else None,
-        result=result, cache=job.meta.get("cache"))
+        id=job.id, status=status, progress=progress, queue_position=position, eta_s=eta,
+        created_at=_utc(job.created_at), started_at=_utc(job.started_at),
+        finished_at=_utc(job.ended_at or _ts(meta.get("ended_at"))) if status.terminal
+        else None,
+        deadline=_ts(meta.get("deadline")), error=error, result=result,
+        cache=meta.get("cache"),
+        reproducibility=Reproducibility(input_sha256=meta.get("inputs_sha256", []),
+                                        **(repro or {})),
+        webhook=hook["url"] if hook else None,
+        webhook_events=hook["events"] if hook else None)
 
 
-def cancel(redis: Redis, job: Job, record_ttl_s: int) -> bool:
+def cancel(redis: Redis, job: Job, record_ttl_s: int, queue: Queue,
+           state: JobState = JobState.CANCELED) -> bool:
     """Stop a job: at once when queued (its record then expires after `record_ttl_s`,
-    as a finished job's does), at its next step when running. True when it was
-    canceled while queued (it will never run)."""
+    as a finished job's does), at its next step when running (its state is then
+    `cancel_requested` until the worker stops it). True when it was stopped while
+    queued (it will never run). `state`: canceled (a client) or expired (a deadline)."""
     job.refresh()
     status = status_of(job)
     if status.terminal:
         raise JobFinished(f"job {job.id} is already {status.value}")
     # The flag stops a running job at its next step; it also catches a job that a
-    # worker dequeues between our status read and the cancel below.
-    redis.set(CANCEL_KEY.format(job.id), "1", ex=86400)
+    # worker dequeues between our status read and the cancel below. Its value is the
+    # state the job ends in.
+    redis.set(CANCEL_KEY.format(job.id), state.value, ex=86400)
     if status == JobState.QUEUED:
-        job.meta["state"] = JobState.CANCELED.value
+        job.meta["state"] = state.value
+        job.meta["ended_at"] = time.time()
         job.save_meta()
         try:
             job.cancel()
         except Exception:  # noqa: BLE001 - already dequeued: the flag stops it
             return False
         redis.expire(job.key, record_ttl_s)
-        metrics.count(redis, "jobs_canceled")
+        metrics.count(redis, f"jobs_{state.value}")
+        metrics.count(redis, f"queued_{state.value}")
+        events.publish(redis, job.id, EventType(state.value),
+                       describe(job, queue).model_dump(mode="json"), record_ttl_s + 3600)
         return True
     return False
+
+
+def expire(redis: Redis, queue: Queue, record_ttl_s: int, now: float | None = None) -> int:
+    """End the jobs whose deadline has passed (queued: at once; running: at their next
+    step), each as `expired`. Run by the workers' maintenance; returns how many."""
+    now = time.time() if now is None else now
+    n = 0
+    for raw in redis.zrangebyscore(DEADLINES_KEY, "-inf", now, start=0, num=100):
+        job_id = raw.decode() if isinstance(raw, bytes) else raw
+        redis.zrem(DEADLINES_KEY, job_id)
+        try:
+            job = Job.fetch(job_id, connection=redis)
+        except NoSuchJobError:
+            continue
+        status = status_of(job)
+        deadline = job.meta.get("deadline")
+        if status.terminal:
+            continue
+        if not (deadline is not None and now >= deadline) and status != JobState.QUEUED:
+            # Started in time: only Cancel-After (if any) still applies.
+            if deadline is not None:
+                redis.zadd(DEADLINES_KEY, {job_id: deadline})
+            continue
+        try:
+            cancel(redis, job, record_ttl_s, queue, state=JobState.EXPIRED)
+            n += 1
+        except JobFinished:
+            continue
+    return n
+
+
+def list_jobs(redis: Redis, queue: Queue, owner: str, *, limit: int = 20,
+              cursor: str | None = None, status: JobState | None = None
+              ) -> tuple[list[JobView], str | None]:
+    """The owner's jobs, newest first; `cursor` is the previous page's next_cursor.
+    Jobs whose record has expired are dropped from the index as they are met."""
+    key = OWNER_JOBS_KEY.format(owner)
+    top = "+inf" if cursor is None else f"({_decode_cursor(cursor)}"
+    out: list[JobView] = []
+    next_cursor = None
+    while len(out) < limit:
+        rows = redis.zrevrangebyscore(key, top, "-inf", start=0, num=limit * 2,
+                                      withscores=True)
+        if not rows:
+            break
+        for raw, score in rows:
+            top = f"({score!r}"
+            job_id = raw.decode() if isinstance(raw, bytes) else raw
+            try:
+                job = Job.fetch(job_id, connection=redis)
+            except NoSuchJobError:
+                redis.zrem(key, job_id)
+                continue
+            view = describe(job, queue, refresh=False)
+            if status is None or view.status == status:
+                out.append(view)
+            if len(out) == limit:
+                next_cursor = _encode_cursor(score)
+                break
+    return out, next_cursor
+
+
+def _encode_cursor(score: float) -> str:
+    return repr(float(score))
+
+
+def _decode_cursor(cursor: str) -> float:
+    try:
+        return float(cursor)
+    except ValueError:
+        raise InvalidCursor("cursor: not a cursor this API returned") from None
+
+
+class InvalidCursor(JobError):
+    code = "invalid_cursor"
+
+
+def delete(redis: Redis, job: Job, owner: str) -> bool:
+    """Delete the job: its record, events, webhook state and index entry (the caller
+    removes its storage objects). A running job is hidden at once and stopped at its
+    next step; its worker removes it then (False is returned)."""
+    jid = job.id
+    job.refresh()
+    if status_of(job) in (JobState.RUNNING, JobState.CANCEL_REQUESTED):
+        redis.set(DELETED_KEY.format(jid), "1", ex=86400)
+        redis.set(CANCEL_KEY.format(jid), JobState.CANCELED.value, ex=86400)
+        redis.zrem(OWNER_JOBS_KEY.format(owner), jid)
+        return False
+    purge(redis, job)
+    return True
+
+
+def purge(redis: Redis, job: Job) -> None:
+    """Remove every Redis trace of a job (not its storage objects)."""
+    jid = job.id
+    try:
+        job.cancel()
+    except Exception:  # noqa: BLE001 - not queued any more
+        pass
+    job.delete(remove_from_queue=True, delete_dependents=False)
+    redis.delete(events.events_key(jid), events.events_key(jid) + ":terminal",
+                 WEBHOOK_KEY.format(jid), WEBHOOK_LOG_KEY.format(jid), CANCEL_KEY.format(jid))
+    redis.zrem(OWNER_JOBS_KEY.format(job.meta.get("owner", ANONYMOUS)), jid)
+    redis.zrem(DEADLINES_KEY, jid)
 
 
 def idempotency_name(owner: str, key: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["CANCEL_KEY", "IDEMPOTENCY_KEY", "WORKER_ALIVE_KEY", "METRICS_KEY", "DURATION_KEY"]
+__all__ = ["CANCEL_KEY", "IDEMPOTENCY_KEY", "WORKER_ALIVE_KEY", "METRICS_KEY", "DURATION_KEY",
+           "EVENTS_KEY", "WEBHOOK_KEY", "WEBHOOK_LOG_KEY", "WEBHOOK_DUE_KEY", "DEADLINES_KEY",
+           "OWNER_JOBS_KEY", "DELETED_KEY"]
 
 # A job's cancel flag: set by the gateway, read by the worker's step callback.
 CANCEL_KEY = "magicface:cancel:{}"
@@ -13,3 +15,17 @@ WORKER_ALIVE_KEY = "magicface:worker:{}"
 # Counters (a hash) and the job-duration histogram (a hash of cumulative buckets).
 METRICS_KEY = "magicface:metrics"
 DURATION_KEY = "magicface:metrics:duration"
+# A job's event stream (a capped Redis stream; "<key>:terminal" marks its end event).
+EVENTS_KEY = "magicface:events:{}"
+# A job's webhook: a hash {url, events: ",queued,succeeded,..."}.
+WEBHOOK_KEY = "magicface:webhook:{}"
+# A job's webhook deliveries: a hash of delivery id -> JSON record.
+WEBHOOK_LOG_KEY = "magicface:webhook_log:{}"
+# Deliveries to attempt: a sorted set of "<job>|<event id>" by due time (ms).
+WEBHOOK_DUE_KEY = "magicface:webhooks:due"
+# Deadlines (Cancel-After, QUEUE_TTL_S): a sorted set of job ids by deadline (s).
+DEADLINES_KEY = "magicface:deadlines"
+# Each owner's jobs: a sorted set of job ids by creation time (s), for GET /v1/jobs.
+OWNER_JOBS_KEY = "magicface:owner:{}:jobs"
+# A job deleted while running: hidden at once, removed by its worker when it stops.
+DELETED_KEY = "magicface:deleted:{}"

@@ -9,6 +9,12 @@ from rq import Queue
 
 from .keys import DURATION_KEY, METRICS_KEY
 
+
+def live_workers(redis: Redis, queue_name: str) -> list[dict]:
+    from .jobs import live_workers as live  # jobs imports this module
+
+    return live(redis, queue_name)
+
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -23,9 +29,23 @@ class RedisCollector:
         by_status.add_metric(["queued"], q.count)
         by_status.add_metric(["running"], q.started_job_registry.count)
         counters = {k.decode(): float(v) for k, v in self.redis.hgetall(METRICS_KEY).items()}
-        for status in ("succeeded", "failed", "canceled"):
+        for status in ("succeeded", "failed", "canceled", "expired"):
             by_status.add_metric([status], counters.get(f"jobs_{status}", 0.0))
         yield by_status
+        submitted = CounterMetricFamily("magicface_jobs_submitted",
+                                        "Jobs accepted by the gateways")
+        submitted.add_metric([], counters.get("jobs_submitted", 0.0))
+        yield submitted
+        ended_queued = CounterMetricFamily("magicface_jobs_ended_while_queued",
+                                           "Jobs canceled or expired before they ran",
+                                           labels=["state"])
+        for state in ("canceled", "expired"):
+            ended_queued.add_metric([state], counters.get(f"queued_{state}", 0.0))
+        yield ended_queued
+        live = GaugeMetricFamily("magicface_workers", "Live workers (model loaded) on "
+                                                      "this queue")
+        live.add_metric([], len(live_workers(self.redis, q.name)))
+        yield live
         depth = GaugeMetricFamily("magicface_queue_depth", "Jobs waiting in the queue")
         depth.add_metric([], q.count)
         yield depth

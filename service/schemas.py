@@ -1,25 +1,47 @@
-"""The job vocabulary and the API's response models (the OpenAPI document)."""
+"""The job vocabulary and the API's models (the OpenAPI document)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import Enum
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-__all__ = ["JobState", "ErrorCode", "ErrorDetail", "ErrorBody", "Progress", "JobResult",
-           "CacheReport", "JobView"]
+__all__ = ["JobState", "ErrorCode", "ErrorDetail", "ErrorBody", "Progress", "LegendEntry",
+           "JobResult", "CacheReport", "Reproducibility", "JobView", "JobList",
+           "WebhookDelivery", "WebhookDeliveries", "EventType", "TERMINAL_EVENTS"]
 
 
 class JobState(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
+    CANCEL_REQUESTED = "cancel_requested"  # a running job stops at its next step
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    EXPIRED = "expired"  # its deadline (Cancel-After, QUEUE_TTL_S) passed first
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED,
+                        JobState.EXPIRED)
+
+
+class EventType(str, Enum):
+    """The events of a job's stream (SSE `event:`) and of its webhooks (`job.<type>`)."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELED,
+                             EventType.EXPIRED})
 
 
 class ErrorCode(str, Enum):
@@ -31,12 +53,14 @@ class ErrorCode(str, Enum):
     TIMEOUT = "timeout"  # over JOB_TIMEOUT_S
     WORKER_LOST = "worker_lost"  # the worker died mid-job
     UNSAFE_CONTENT = "unsafe_content"  # SAFETY_CHECKER=block flagged the image
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # Cancel-After or QUEUE_TTL_S passed (expired)
+    CANCELED = "canceled"  # the client canceled it
     INTERNAL_ERROR = "internal_error"  # anything else
 
 
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="a stable machine-readable code, e.g. invalid_concepts")
+    message: str = Field(description="what is wrong, naming the field")
 
 
 class ErrorBody(BaseModel):
@@ -44,13 +68,23 @@ class ErrorBody(BaseModel):
 
 
 class Progress(BaseModel):
-    step: int
-    total: int
+    step: int = Field(description="sampling steps done")
+    total: int = Field(description="sampling steps in all")
+    percent: float = Field(0.0, description="step / total, 0-100")
+    eta_s: float | None = Field(None, description="seconds left, from the worker's "
+                                                  "measured seconds per step")
+    stage: str | None = Field(None, description="queued, loading, rsa, rba, saving or done")
+
+
+class LegendEntry(BaseModel):
+    word: str
+    color: str = Field(description="#rrggbb: the concept's tint in the semantic map")
 
 
 class JobResult(BaseModel):
     image_url: str
     semantic_map_url: str | None = None
+    semantic_map_legend: list[LegendEntry] = Field(default_factory=list)
 
 
 class CacheReport(BaseModel):
@@ -58,14 +92,63 @@ class CacheReport(BaseModel):
     misses: int
 
 
+class Reproducibility(BaseModel):
+    """What it takes to make the same image again (filled in as the job runs)."""
+
+    seed: int | None = None
+    reference_seed: int | None = None
+    preset: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="the parameters as run, preset values "
+                                               "filled in")
+    model: str | None = None
+    weights_sha256: str | None = Field(None, description="hash of the loaded weights")
+    library_version: str | None = None
+    input_sha256: list[str] = Field(default_factory=list,
+                                    description="images, then masks, in order")
+    timings_s: dict[str, float] = Field(default_factory=dict,
+                                        description="seconds per stage: load, sample, "
+                                                    "store")
+    duration_s: float | None = None
+
+
 class JobView(BaseModel):
     id: str
     status: JobState
     progress: Progress
-    queue_position: int | None = None
-    created_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
+    queue_position: int | None = Field(None, description="0: next to run")
+    eta_s: float | None = Field(None, description="seconds until the job should finish: "
+                                                  "queue wait plus sampling")
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline: datetime | None = Field(None, description="Cancel-After or the queue TTL: "
+                                                        "unfinished by then, it expires")
     error: ErrorDetail | None = None
     result: JobResult | None = None
     cache: CacheReport | None = None
+    reproducibility: Reproducibility | None = None
+    webhook: str | None = None
+    webhook_events: list[EventType] | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page")
+
+
+class WebhookDelivery(BaseModel):
+    id: str = Field(description="the webhook-id header (the same on every retry)")
+    event: EventType
+    event_id: str
+    status: str = Field(description="pending, delivered or failed (retries exhausted)")
+    attempts: int
+    last_status_code: int | None = None
+    last_error: str | None = None
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+
+class WebhookDeliveries(BaseModel):
+    deliveries: list[WebhookDelivery]

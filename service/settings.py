@@ -40,6 +40,23 @@ class Settings(BaseSettings):
     metrics_port: int | None = None  # also serve /metrics, keyless, on this port
     body_timeout_s: float = 30.0  # a request body that stalls this long is dropped (408)
     upload_concurrency: int = Field(default=2, ge=1)  # job submissions read at once
+    max_queued: int = Field(default=1000, ge=1)  # beyond this many queued jobs: 429
+    queue_ttl_s: int = Field(default=86400, ge=1)  # a job not started by then: expired
+    max_wait_s: int = Field(default=60, ge=0, le=300)  # the longest `Prefer: wait=N`
+    # https image inputs in JSON bodies: the hosts allowed (empty: URL inputs are off).
+    input_url_allowlist: str = ""
+    input_url_timeout_s: float = 10.0
+    input_url_allow_private: bool = False  # let URL inputs reach private addresses
+
+    # Webhooks (signed by the workers' deliverer).
+    webhook_secret: str = ""  # comma-separated: each signs (rotation: add new, drop old)
+    webhook_allow_private: bool = False  # let webhooks reach private/loopback addresses
+    webhook_timeout_s: float = 10.0  # per delivery attempt
+    webhook_backoff_s: float = 5.0  # first retry delay; then x3 per attempt, capped
+    webhook_backoff_max_s: float = 1800.0
+    webhook_retry_for_s: float = 86400.0  # a delivery is retried this long (>= 1 h)
+    webhook_delivery: bool = True  # workers run a deliverer thread (or run
+    #                               `python -m worker.webhooks` on its own)
 
     # Worker.
     device: str | None = None  # default: cuda if available
@@ -62,6 +79,17 @@ class Settings(BaseSettings):
     orphan_grace_s: int = 3600  # objects with no job record, older than this, are deleted
     safety_checker: str = "off"  # off | warn | block (needs the checkpoint's checker)
     safety_checker_model: str | None = None  # the checker's folder or hub id
+
+    @property
+    def input_url_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.input_url_allowlist.split(",")
+                         if h.strip())
+
+    @property
+    def webhook_secrets(self) -> list[bytes]:
+        from .webhooks import secret_bytes
+
+        return [secret_bytes(s.strip()) for s in self.webhook_secret.split(",") if s.strip()]
 
     @property
     def api_key_set(self) -> frozenset[str]:

@@ -110,8 +110,12 @@ def _load_json(raw: str, field: str, code: str, kind: type, expected: str):
     return data
 
 
-def parse_concepts(raw: str, settings: Settings) -> list[ConceptSpec]:
-    data = _load_json(raw, "concepts", "invalid_concepts", list, "a JSON list of objects")
+def parse_concepts(raw: str | list, settings: Settings) -> list[ConceptSpec]:
+    """`concepts` as a JSON string (multipart) or a decoded list (JSON body)."""
+    data = (_load_json(raw, "concepts", "invalid_concepts", list, "a JSON list of objects")
+            if isinstance(raw, str) else raw)
+    if not isinstance(data, list):
+        raise ApiError(422, "invalid_concepts", "concepts: must be a list of objects")
     if not 1 <= len(data) <= settings.max_concepts:
         raise ApiError(422, "invalid_concepts",
                        f"concepts: between 1 and {settings.max_concepts} concepts, "
@@ -137,11 +141,16 @@ def parse_concepts(raw: str, settings: Settings) -> list[ConceptSpec]:
     return out
 
 
-def parse_params(raw: str | None, settings: Settings) -> Params:
-    if raw is None or raw.strip() == "":
+def parse_params(raw: str | dict | None, settings: Settings) -> Params:
+    """`params` as a JSON string (multipart), a decoded object (JSON body) or absent."""
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
         data = {}
-    else:
+    elif isinstance(raw, str):
         data = _load_json(raw, "params", "invalid_params", dict, "a JSON object")
+    elif isinstance(raw, dict):
+        data = raw
+    else:
+        raise ApiError(422, "invalid_params", "params: must be an object")
     try:
         p = Params.model_validate(data)
     except ValidationError as e:
@@ -207,15 +216,16 @@ def decode_image(upload: Upload, field: str, settings: Settings) -> ValidImage:
     return ValidImage(upload.data, ALLOWED_FORMATS[fmt], (w, h))
 
 
-def validate_request(prompt: str, concepts_raw: str, images: list[Upload],
-                     masks: list[Upload], params_raw: str | None,
+def validate_request(prompt: str, concepts_raw: str | list, images: list[Upload],
+                     masks: list[Upload], params_raw: str | dict | None,
                      settings: Settings) -> JobRequest:
+    """The one validation path of both request bodies (multipart and JSON)."""
     total = sum(len(u.data) for u in images + masks)
     if total > settings.max_request_bytes:
         raise ApiError(413, "request_too_large",
                        f"uploads total {total} bytes, over the {settings.max_request_bytes}"
                        "-byte limit")
-    if not prompt or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt.strip():
         raise ApiError(422, "invalid_prompt", "prompt: must not be empty")
     if len(prompt) > 1000:
         raise ApiError(422, "invalid_prompt", "prompt: at most 1000 characters")
@@ -246,13 +256,15 @@ def validate_request(prompt: str, concepts_raw: str, images: list[Upload],
     return JobRequest(prompt, concepts, valid_images, valid_masks, params)
 
 
-def body_hash(prompt: str, concepts_raw: str, images: list[Upload], masks: list[Upload],
-              params_raw: str | None) -> str:
-    """Identity of a request body, for Idempotency-Key."""
+def body_hash(req: JobRequest, extra: str = "") -> str:
+    """Identity of a request, for Idempotency-Key: the validated fields (so the same
+    job sent as multipart or as JSON is the same request) and the upload bytes."""
     h = hashlib.sha256()
-    for part in (prompt, concepts_raw, params_raw or ""):
-        h.update(part.encode())
-        h.update(b"\0")
+    canonical = json.dumps([req.prompt, [c.model_dump() for c in req.concepts],
+                            req.params.model_dump(), extra], sort_keys=True)
+    h.update(canonical.encode())
+    images = [Upload(None, i.data) for i in req.images]
+    masks = [Upload(None, m.data) for m in req.masks]
     for u in images + [Upload(None, b"--masks--")] + masks:
         h.update(hashlib.sha256(u.data).digest())
     return h.hexdigest()

@@ -61,7 +61,8 @@ def main() -> None:
     pipe = load_pipeline(settings)
     log = logging.getLogger("magicface.worker")
     tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage, redis=redis,
-                                  safety=load_safety_checker(settings, pipe.device, log))
+                                  safety=load_safety_checker(settings, pipe.device, log),
+                                  weights_sha256=pipe.weights_sha256())
     log.info("model %s loaded on %s", settings.magicface_model, pipe.device)
     # RQ's loop ends on an error it does not handle (a Redis outage outlasting
     # REDIS_RETRY_S, say): start it again, model still loaded, unless asked to stop.

@@ -7,6 +7,7 @@ set once by the worker at start (the one piece of process-global state).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -18,9 +19,10 @@ from pydantic import ValidationError
 from redis import Redis
 from rq import get_current_job
 
-from service import metrics
+from service import events, metrics
+from service.jobs import describe
 from service.keys import CANCEL_KEY
-from service.schemas import ErrorCode, JobState
+from service.schemas import ErrorCode, EventType, JobState
 from service.settings import Settings
 from service.storage import (
     Storage,
@@ -45,13 +47,19 @@ class Runtime:
     storage: Storage
     redis: Redis
     safety: Any = None  # a SafetyChecker when SAFETY_CHECKER is warn or block
+    weights_sha256: str | None = None  # of the loaded model, for the job's record
 
 
 RUNTIME: Runtime | None = None
 
 
 class JobCanceled(Exception):
-    """Raised from the step callback when the job's cancel flag is set."""
+    """Raised from the step callback when the job's cancel flag is set; `state` is the
+    flag's value: canceled (a client) or expired (a deadline)."""
+
+    def __init__(self, state: JobState = JobState.CANCELED):
+        super().__init__(state.value)
+        self.state = state
 
 
 class JobFailed(Exception):
@@ -80,11 +88,35 @@ def _fail(rt: Runtime, job, code: ErrorCode, message: str) -> JobFailed:
     return JobFailed(f"{code.value}: {message}")
 
 
-def _canceled(job, rt: Runtime) -> dict:
-    job.meta["state"] = JobState.CANCELED.value
-    _save(rt, job, "cancel")
-    _count(rt, "jobs_canceled")
-    return {"state": JobState.CANCELED.value}
+def _canceled(job, rt: Runtime, state: JobState = JobState.CANCELED) -> dict:
+    job.meta["state"] = state.value
+    _save(rt, job, state.value)
+    _count(rt, f"jobs_{state.value}")
+    return {"state": state.value}
+
+
+def _flag_state(raw) -> JobState | None:
+    """The state a cancel flag asks for (flags set before it carried one: canceled)."""
+    if raw is None:
+        return None
+    value = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return JobState.EXPIRED if value == JobState.EXPIRED.value else JobState.CANCELED
+
+
+def publish(rt: Runtime, job, event: EventType, data: dict) -> None:
+    """Append a job event (best effort for progress; a lost progress event is not worth
+    a job)."""
+    try:
+        events.publish(rt.redis, job.id, event, data, rt.settings.result_ttl_s + 3600)
+    except REDIS_DOWN as e:
+        log.warning("job %s: %s event not published: %s", job.id, event.value, e)
+
+
+def _view(rt: Runtime, job) -> dict:
+    from rq import Queue
+
+    return describe(job, Queue(job.origin, connection=rt.redis),
+                    refresh=False).model_dump(mode="json")
 
 
 def _storage(rt: Runtime, what: str, fn):
@@ -115,20 +147,38 @@ def generate(job_id: str) -> dict:
         raise RuntimeError("the worker runtime is not initialised")
     job = get_current_job()
     started = time.monotonic()
-    job.meta["state"] = JobState.RUNNING.value
-    _save(rt, job, "start")
+    flag = retry(lambda: rt.redis.get(CANCEL_KEY.format(job_id)), errors=REDIS_DOWN,
+                 within_s=rt.settings.redis_retry_s, what=f"job {job_id}: cancel flag")
+    due = [float(d) for d in (job.meta.get("deadline"), job.meta.get("queue_deadline"))
+           if d is not None]
+    if flag is None and due and time.time() >= min(due):
+        flag = JobState.EXPIRED.value
     try:
-        if retry(lambda: rt.redis.exists(CANCEL_KEY.format(job_id)), errors=REDIS_DOWN,
-                 within_s=rt.settings.redis_retry_s, what=f"job {job_id}: cancel flag"):
-            return _canceled(job, rt)
+        if (state := _flag_state(flag)) is not None:
+            return _canceled(job, rt, state)
+        job.meta["state"] = JobState.RUNNING.value
+        job.meta["progress"] = {**job.meta.get("progress", {}), "stage": "loading"}
+        job.meta["reproducibility"] = {"model": getattr(rt.pipe, "model_name", None),
+                                       "weights_sha256": rt.weights_sha256,
+                                       "library_version": _library_version()}
+        _save(rt, job, "start")
+        publish(rt, job, EventType.STARTED, _view(rt, job))
+        timings = job.meta["reproducibility"].setdefault("timings_s", {})
+        t = time.monotonic()
         req, images, masks = load(rt, job, job_id)
         prompt, concepts, config = configure(rt, job, req, images, masks)
+        timings["load"] = round(time.monotonic() - t, 3)
+        t = time.monotonic()
         try:
             res = run(rt, job, job_id, prompt, concepts, config)
-        except JobCanceled:
-            return _canceled(job, rt)
+        except JobCanceled as e:
+            return _canceled(job, rt, e.state)
+        timings["sample"] = round(time.monotonic() - t, 3)
         check_safety(rt, job, job_id, res)
+        t = time.monotonic()
+        job.meta["progress"]["stage"] = "saving"
         result = store(rt, job, job_id, res)
+        timings["store"] = round(time.monotonic() - t, 3)
         return record(rt, job, res, result, time.monotonic() - started)
     finally:
         if not rt.settings.keep_inputs:
@@ -190,19 +240,34 @@ def run(rt: Runtime, job, job_id: str, prompt: str, concepts, config):
     from magicface_core import MagicFaceInputError
 
     cancel_key = CANCEL_KEY.format(job_id)
+    rsa_steps = config.resolve(len(concepts)).rsa_steps
+    clock = {"start": time.monotonic(), "published": 0.0}
 
     def on_step(step: int, total: int) -> None:
         # Progress and the cancel flag are best effort: a Redis outage mid-job must not
         # fail the job (its end is recorded once Redis is back).
-        job.meta["progress"] = {"step": step, "total": total}
+        now = time.monotonic()
+        per_step = (now - clock["start"]) / step
+        progress = {"step": step, "total": total,
+                    "percent": round(100.0 * step / total, 1),
+                    "eta_s": round(per_step * (total - step), 2), "s_per_step": per_step,
+                    # The step about to run: RSA for the first rsa_steps, then RBA.
+                    "stage": "rsa" if step < rsa_steps else "rba"}
+        job.meta["progress"] = progress
         try:
             job.save_meta()
-            canceled = rt.redis.exists(cancel_key)
+            flag = rt.redis.get(cancel_key)
         except REDIS_DOWN as e:
             log.warning("job %s: step %d not reported: %s", job_id, step, e)
             return
-        if canceled:
-            raise JobCanceled()
+        # Events at most every PROGRESS_INTERVAL_S (webhooks follow the stream), and
+        # always the last step.
+        if step == total or now - clock["published"] >= events.PROGRESS_INTERVAL_S:
+            clock["published"] = now
+            publish(rt, job, EventType.PROGRESS,
+                    {k: progress[k] for k in ("step", "total", "percent", "eta_s", "stage")})
+        if (state := _flag_state(flag)) is not None:
+            raise JobCanceled(state)
 
     try:
         return rt.pipe.generate(prompt, concepts, config, on_step=on_step)
@@ -230,7 +295,7 @@ def check_safety(rt: Runtime, job, job_id: str, res) -> None:
 def store(rt: Runtime, job, job_id: str, res) -> dict:
     """The image (and the final semantic map over it) into storage; on a failure the
     outputs already written are removed, so a failed job leaves none."""
-    from magicface_core.cli import overlay_semantic_map
+    from magicface_core.overlay import overlay_semantic_map
 
     def put(key: str, data: bytes) -> None:
         _storage(rt, f"job {job_id}: write {key}", lambda: rt.storage.put(key, data,
@@ -255,7 +320,17 @@ def store(rt: Runtime, job, job_id: str, res) -> dict:
 
 
 def record(rt: Runtime, job, res, result: dict, elapsed: float) -> dict:
-    """The job's success in its record and the metrics."""
+    """The job's success in its record (with what it takes to make it again) and the
+    metrics."""
+    repro = job.meta.setdefault("reproducibility", {})
+    if res.config is not None:
+        params = {k: v for k, v in dataclasses.asdict(res.config).items()
+                  if k not in ("sam_checkpoint",)}
+        ref_seed = res.config.reference_seed
+        repro.update({"seed": res.config.seed,
+                      "reference_seed": res.config.seed if ref_seed is None else ref_seed,
+                      "preset": res.config.preset, "params": params})
+    repro["duration_s"] = round(elapsed, 3)
     job.meta.update({"state": JobState.SUCCEEDED.value, "result": result,
                      "cache": {"hits": res.cache_hits, "misses": res.cache_misses},
                      "duration_s": elapsed})
@@ -268,6 +343,12 @@ def record(rt: Runtime, job, res, result: dict, elapsed: float) -> dict:
     except REDIS_DOWN as e:
         log.warning("metrics: duration not observed: %s", e)
     return {"state": JobState.SUCCEEDED.value, **result}
+
+
+def _library_version() -> str:
+    import magicface_core
+
+    return magicface_core.__version__
 
 
 def _png(image) -> bytes:

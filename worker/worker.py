@@ -22,9 +22,10 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.worker import WorkerStatus
 
-from service.keys import WORKER_ALIVE_KEY
+from service import events, jobs
+from service.keys import DELETED_KEY, WORKER_ALIVE_KEY
 from service.settings import Settings
-from service.storage import Storage
+from service.storage import Storage, StorageError
 
 from .retry import REDIS_DOWN, retry
 from .sweeper import sweep_if_due
@@ -54,13 +55,19 @@ class MagicFaceWorker(SimpleWorker):
         key = WORKER_ALIVE_KEY.format(self.name)
         ttl = self.settings.worker_heartbeat_ttl_s
         info = json.dumps({"name": self.name, "model": self.model, "model_loaded": True,
-                           "pid": os.getpid(), "since": time.time()})
+                           "queue": self.settings.queue_name, "pid": os.getpid(),
+                           "since": time.time()})
         last_sweep = 0.0
         while True:
             try:
                 self.connection.set(key, info, ex=ttl)
             except Exception as e:  # noqa: BLE001 - Redis may come back
                 log.warning("worker announce failed: %s", e)
+            try:
+                for queue in self.queues:
+                    jobs.expire(self.connection, queue, self.settings.result_ttl_s)
+            except Exception as e:  # noqa: BLE001 - the next round may succeed
+                log.warning("deadline check failed: %s", e)
             if (self.storage is not None
                     and time.monotonic() - last_sweep >= self.settings.sweep_interval_s):
                 last_sweep = time.monotonic()
@@ -101,14 +108,52 @@ class MagicFaceWorker(SimpleWorker):
                                     **kwargs)
 
     # RQ records a job's end here (success, or failure with its traceback); a Redis
-    # outage at that moment must delay the record, not lose the worker.
-    def _finalize_success(self, *args, **kwargs):
-        return self._through_outage("job success record", super()._finalize_success, *args,
-                                    **kwargs)
+    # outage at that moment must delay the record, not lose the worker. Once recorded,
+    # the job's terminal event goes out (the view then shows the final state).
+    def _finalize_success(self, job: Job, queue: Queue, *args, **kwargs):
+        self._through_outage("job success record", super()._finalize_success, job, queue,
+                             *args, **kwargs)
+        self._ended(job, queue)
 
-    def _finalize_failure(self, *args, **kwargs):
-        return self._through_outage("job failure record", super()._finalize_failure, *args,
-                                    **kwargs)
+    def _finalize_failure(self, job: Job, queue: Queue, *args, **kwargs):
+        self._through_outage("job failure record", super()._finalize_failure, job, queue,
+                             *args, **kwargs)
+        self._ended(job, queue)
+
+    def _ended(self, job: Job, queue: Queue) -> None:
+        try:
+            self._through_outage("terminal event", jobs.publish_end, self.connection, job, queue,
+                                 self.settings.result_ttl_s)
+            if self.connection.exists(DELETED_KEY.format(job.id)):
+                self._purge_deleted(job)
+        except Exception as e:  # noqa: BLE001 - the maintenance reconciles it later
+            log.warning("job %s: end not announced: %s", job.id, e)
+
+    def _purge_deleted(self, job: Job) -> None:
+        """A job deleted while it ran: now that it stopped, remove it everywhere."""
+        if self.storage is not None:
+            try:
+                self.storage.delete_prefix(f"jobs/{job.id}/")
+            except StorageError as e:
+                log.warning("job %s: objects of a deleted job left to the sweeper: %s",
+                            job.id, e)
+        jobs.purge(self.connection, job)
+
+    def clean_registries(self):
+        """RQ's maintenance, after which a job it failed (its worker died, or it timed
+        out while nobody watched) gets its terminal event."""
+        before = {q.name: set(q.started_job_registry.get_job_ids()) for q in self.queues}
+        super().clean_registries()
+        for queue in self.queues:
+            for job_id in before[queue.name]:
+                if events.has_terminal(self.connection, job_id):
+                    continue
+                try:
+                    job = Job.fetch(job_id, connection=self.connection)
+                    if jobs.status_of(job).terminal:
+                        jobs.publish_end(self.connection, job, queue, self.settings.result_ttl_s)
+                except Exception as e:  # noqa: BLE001 - gone, or Redis went away
+                    log.debug("job %s: not reconciled: %s", job_id, e)
 
     def work(self, *args, **kwargs):
         self._alive.start()
@@ -148,3 +193,4 @@ class MagicFaceWorker(SimpleWorker):
             stop.set()
             thread.join(timeout=5)
         self.set_state(WorkerStatus.IDLE)
+

@@ -7,6 +7,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 from rq import Queue
 
@@ -58,8 +59,14 @@ def authorized_owner(settings: Settings, authorization: str | None) -> str | Non
     return key_id(match)
 
 
+# Declares the bearer scheme in the OpenAPI document; the check itself is below.
+bearer = HTTPBearer(auto_error=False, description="an API key (API_KEYS)")
+
+
 def current_owner(request: Request,
-                  authorization: Annotated[str | None, Header()] = None) -> str:
+                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+                  _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None
+                  ) -> str:
     owner = authorized_owner(request.app.state.settings, authorization)
     if owner is None:
         raise ApiError(401, "unauthorized", "Authorization: Bearer <API key> is required")

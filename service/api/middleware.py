@@ -71,6 +71,8 @@ class GatewayMiddleware:
             return await _reply(send_with_id, 401, "unauthorized",
                                 "Authorization: Bearer <API key> is required")
         limit = s.max_request_bytes + FRAMING_BYTES
+        if (_header(scope, b"content-type") or "").lower().startswith("application/json"):
+            limit = s.max_request_bytes * 4 // 3 + FRAMING_BYTES  # base64 data: URIs
         length = _header(scope, b"content-length")
         if length and length.isdigit() and int(length) > limit:
             return await _reply(send_with_id, 413, "request_too_large",
@@ -94,8 +96,19 @@ class GatewayMiddleware:
             return message
 
         if scope["method"] == "POST" and scope["path"] == "/v1/jobs":
-            async with self.upload_slots:
+            await self.upload_slots.acquire()
+            held = [True]
+
+            def release() -> None:  # once the job exists (Prefer: wait lets go early)
+                if held[0]:
+                    held[0] = False
+                    self.upload_slots.release()
+
+            scope["state"]["release_upload_slot"] = release
+            try:
                 return await self.app(scope, counted_receive, send_with_id)
+            finally:
+                release()
         await self.app(scope, counted_receive, send_with_id)
 
 

@@ -49,7 +49,8 @@ def test_accepted_job_is_stored_and_queued(api):
     assert r.status_code == 202
     view = r.json()
     assert view["status"] == "queued" and view["queue_position"] == 0
-    assert view["progress"] == {"step": 0, "total": 3}
+    assert view["progress"] == {"step": 0, "total": 3, "percent": 0.0, "eta_s": None,
+                                "stage": "queued"}
     assert api.queue.count == 1
     rec = json.loads((api.store / f"jobs/{view['id']}/request.json").read_text())
     assert rec["prompt"] == "a man wearing a hat" and rec["params"]["steps"] == 3

@@ -41,7 +41,8 @@ def test_two_concept_job_with_file_storage(file_stack, tmp_path):
     assert view["status"] in ("queued", "running") and view["progress"]["total"] == 4
     done = file_stack.wait(view["id"])
     assert done["status"] == "succeeded", done
-    assert done["progress"] == {"step": 4, "total": 4}
+    assert done["progress"] == {"step": 4, "total": 4, "percent": 100.0, "eta_s": None,
+                                "stage": "done"}
     assert done["error"] is None and done["finished_at"] >= done["started_at"]
     img = file_stack.client.get(done["result"]["image_url"])
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
@@ -88,9 +89,11 @@ def test_cancel_queued_and_running_jobs(file_stack):
 
     r = file_stack.client.post(f"/v1/jobs/{queued['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
+    assert r.json()["finished_at"] is not None
 
+    # A running job answers cancel_requested until it stops at its next step.
     r = file_stack.client.post(f"/v1/jobs/{running['id']}/cancel")
-    assert r.status_code == 200 and r.json()["status"] == "running"
+    assert r.status_code == 200 and r.json()["status"] in ("cancel_requested", "canceled")
     done = file_stack.wait(running["id"], timeout=60)
     assert done["status"] == "canceled"
     assert done["progress"]["step"] < LONG["steps"]
@@ -100,8 +103,9 @@ def test_cancel_queued_and_running_jobs(file_stack):
     assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
     view = file_stack.client.get(f"/v1/jobs/{queued['id']}").json()
     assert view["status"] == "canceled" and view["started_at"] is None
+    assert done["finished_at"] is not None and done["error"]["code"] == "canceled"
     img = file_stack.client.get(f"/v1/jobs/{running['id']}/image")
-    assert img.status_code == 409
+    assert img.status_code == 410 and img.json()["error"]["code"] == "canceled"
 
 
 def test_killed_worker_fails_its_job_with_worker_lost(file_stack):

@@ -35,4 +35,4 @@ def test_no_server_errors(redis_db, redis_server, tmp_path):
 
         check()
         checked.append(operation.label)
-    assert "POST /v1/jobs" in checked and len(checked) == 8
+    assert "POST /v1/jobs" in checked and len(checked) == 13

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import APIRouter, Depends, Request
@@ -10,9 +9,8 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from ... import metrics
+from ... import jobs, metrics
 from ...errors import ApiError
-from ...keys import WORKER_ALIVE_KEY
 from ...schemas import ErrorBody
 from ...storage import StorageError
 from ..deps import QueueDep, RedisDep, StorageDep, current_owner
@@ -29,12 +27,11 @@ async def healthz() -> dict:  # on the event loop: never queued behind blocking 
 
 @router.get("/readyz", summary="Redis and storage answer, and a worker with its model "
                               "loaded is registered", responses={503: {"model": ErrorBody}})
-def readyz(request: Request, redis: RedisDep, storage: StorageDep) -> dict:
+def readyz(request: Request, redis: RedisDep, storage: StorageDep, queue: QueueDep) -> dict:
     rid = request_id(request)
     try:
         redis.ping()
-        workers = [json.loads(v) for k in redis.scan_iter(WORKER_ALIVE_KEY.format("*"))
-                   if (v := redis.get(k)) is not None]
+        ready = jobs.live_workers(redis, queue.name)
     except RedisError as e:
         log.warning("request %s: readyz: Redis: %s", rid, e)
         raise ApiError(503, "redis_unavailable",
@@ -45,9 +42,9 @@ def readyz(request: Request, redis: RedisDep, storage: StorageDep) -> dict:
         log.warning("request %s: readyz: storage: %s", rid, e)
         raise ApiError(503, "storage_unavailable",
                        f"storage does not answer (request {rid})") from None
-    ready = [w for w in workers if w.get("model_loaded")]
     if not ready:
-        raise ApiError(503, "no_worker", "no worker with a loaded model is registered")
+        raise ApiError(503, "no_worker", "no worker with a loaded model serves queue "
+                                         f"{queue.name!r}")
     return {"status": "ready", "workers": len(ready)}
 
 

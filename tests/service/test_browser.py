@@ -1,0 +1,383 @@
+"""The web page (service/static) in headless Chromium against the real stack: a gateway
+with API keys on, a worker with the tiny model, Redis and local-folder storage.
+
+Needs Debian's chromium and chromium-driver (.ci/run installs them); without them
+these tests fail, they do not skip."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import redis
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+
+from ..helpers.browser import (
+    MASK_DATA_URL_JS,
+    chrome,
+    data_url_image,
+    face_image,
+    mask_image,
+    severe_console_errors,
+    wait_until,
+)
+from ..helpers.stack import ROOT, Stack
+
+pytestmark = pytest.mark.slow
+
+KEY = "browser-key"
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+# What a 4xx answer the test asks for leaves in the console.
+EXPECTED_FAILED_LOADS = ("Failed to load resource",)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tmp_path_factory):
+    r = redis.Redis.from_url(redis_server)
+    r.flushdb()
+    tmp = tmp_path_factory.mktemp("browser")
+    s = Stack({"REDIS_URL": redis_server, "STORAGE_URL": f"file://{tmp / 'store'}",
+               "API_KEYS": KEY}, tmp / "logs")
+    try:
+        s.start_gateway()
+        s.start_worker(wait=False)  # it loads its model while the first tests run
+        yield s
+    finally:
+        s.stop()
+        r.flushdb()
+
+
+@pytest.fixture(scope="module")
+def browser(stack):  # on the stack: the browser closes its connections before it stops
+    driver = chrome()
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser, stack):
+    """The page, fresh: nothing kept from an earlier test in this tab."""
+    browser.get(stack.base_url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(stack.base_url + "/")
+    wait_until(lambda: browser.execute_script("return !!window.magicface"), 10,
+               what="app.js to load")
+    browser.get_log("browser")  # start the console log afresh
+    return browser
+
+
+# -- driving the page ---------------------------------------------------------------------
+
+def _type(driver, css: str, text: str) -> None:
+    el = driver.find_element(By.CSS_SELECTOR, css)
+    el.clear()
+    el.send_keys(text)
+
+
+def _add_concept(driver):
+    driver.find_element(By.ID, "add-concept").click()
+    return driver.find_elements(By.CSS_SELECTOR, "#concepts .concept")[-1]
+
+
+def _upload_image(driver, concept, path) -> None:
+    concept.find_element(By.CSS_SELECTOR, ".concept-image-input").send_keys(str(path))
+    canvas = concept.find_element(By.CSS_SELECTOR, ".mask-canvas")
+    wait_until(lambda: driver.execute_script(
+        "const c = arguments[0]; const img = c.parentElement.querySelector('img');"
+        "return img.naturalWidth > 0 && c.width === img.naturalWidth"
+        " && c.getBoundingClientRect().width > 0", canvas), 10, what="the mask editor")
+
+
+def _drag(driver, canvas, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Drag across the canvas; points are fractions of its on-screen size from its
+    centre (-0.5 .. 0.5)."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    w, h = canvas.size["width"], canvas.size["height"]
+    x0, y0 = round(start[0] * w), round(start[1] * h)
+    x1, y1 = round(end[0] * w), round(end[1] * h)
+    chain = ActionChains(driver).move_to_element_with_offset(canvas, x0, y0).click_and_hold()
+    steps = 6
+    for i in range(1, steps + 1):
+        chain.move_to_element_with_offset(canvas, x0 + (x1 - x0) * i // steps,
+                                          y0 + (y1 - y0) * i // steps)
+    chain.release().perform()
+
+
+def _export_mask(driver, index: int = 0) -> np.ndarray:
+    url = driver.execute_async_script(MASK_DATA_URL_JS, index)
+    assert url.startswith("data:"), url
+    img = data_url_image(url)
+    return img
+
+
+def _error_text(driver) -> str:
+    return driver.execute_script(
+        "const e = document.getElementById('error'); return e.hidden ? '' : e.textContent")
+
+
+def _record_progress(driver) -> None:
+    """From now on, window.progressLog lists every text #progress-text shows."""
+    driver.execute_script("""
+        const el = document.getElementById('progress-text');
+        window.progressLog = [];
+        new MutationObserver(() => {
+          const t = el.textContent;
+          if (t && window.progressLog.at(-1) !== t) window.progressLog.push(t);
+        }).observe(el, {childList: true, characterData: true, subtree: true});""")
+
+
+def _fill_job(driver, tmp_path, params: dict[str, str]):
+    """Key, prompt, one concept (a face, a stroke across it, the word "man"), params."""
+    _type(driver, "#api-key", KEY)
+    _type(driver, "#prompt", "a photo of a man")
+    concept = _add_concept(driver)
+    _upload_image(driver, concept, face_image(tmp_path / "face.png", (96, 96)))
+    _drag(driver, concept.find_element(By.CSS_SELECTOR, ".mask-canvas"), (-0.3, 0), (0.3, 0))
+    Select(concept.find_element(By.CSS_SELECTOR, ".word-select")).select_by_visible_text("man")
+    driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    for field, value in params.items():
+        _type(driver, f"#{field}", value)
+
+
+def _submit_and_wait_for_error(driver) -> str:
+    driver.execute_script("document.getElementById('error').hidden = true")
+    driver.find_element(By.ID, "submit").click()
+    return wait_until(lambda: _error_text(driver), 20, what="#error")
+
+
+# -- tests --------------------------------------------------------------------------------
+
+def test_mask_is_the_stroke_at_the_image_natural_size(page, tmp_path):
+    driver = page
+    ref = face_image(tmp_path / "face.png", (120, 80))
+    _type(driver, "#prompt", "a photo of a man")
+    concept = _add_concept(driver)
+    _upload_image(driver, concept, ref)
+    canvas = concept.find_element(By.CSS_SELECTOR, ".mask-canvas")
+    shown = canvas.size
+    # Shown larger than the photo: the mask must still come out at 120x80.
+    assert shown["width"] > 200 and abs(shown["width"] / shown["height"] - 1.5) < 0.02, shown
+
+    # A horizontal stroke across the middle, from 20% to 80% of the width.
+    _drag(driver, canvas, (-0.3, 0.0), (0.3, 0.0))
+    mask = _export_mask(driver)
+    assert mask.size == (120, 80)
+    a = np.asarray(mask.convert("L"))
+    assert set(np.unique(a)) <= {0, 255}, np.unique(a)
+    assert (a[40, 30:90] == 255).all(), a[40]
+    white_rows = np.flatnonzero((a == 255).any(axis=1))
+    white_cols = np.flatnonzero((a == 255).any(axis=0))
+    assert 30 <= white_rows.min() and white_rows.max() <= 50, white_rows
+    assert 16 <= white_cols.min() <= 26 and 94 <= white_cols.max() <= 104, white_cols
+    assert (a == 255).sum() < 0.2 * a.size
+
+    # The eraser takes paint off; "Clear mask" takes all of it.
+    concept.find_element(By.CSS_SELECTOR, ".tool-eraser").click()
+    _drag(driver, canvas, (0.0, -0.2), (0.0, 0.2))
+    a = np.asarray(_export_mask(driver).convert("L"))
+    assert (a[38:43, 58:63] == 0).all() and (a[40, 30:45] == 255).all()
+    concept.find_element(By.CSS_SELECTOR, ".clear-mask").click()
+    a = np.asarray(_export_mask(driver).convert("L"))
+    assert a.shape == (80, 120) and (a == 0).all()
+
+    # An uploaded mask file is the mask too (and can be painted over).
+    m = mask_image(tmp_path / "mask.png", (120, 80), (10, 10, 29, 29))
+    concept.find_element(By.CSS_SELECTOR, ".concept-mask-input").send_keys(str(m))
+    wait_until(lambda: concept.find_element(By.CSS_SELECTOR, ".mask-note").text, 10,
+               what="the mask note")
+    a = np.asarray(_export_mask(driver).convert("L"))
+    expected = np.zeros((80, 120), np.uint8)
+    expected[10:30, 10:30] = 255
+    assert (a == expected).all()
+    assert severe_console_errors(driver) == []
+
+
+def test_server_errors_are_shown(page, tmp_path):
+    driver = page
+    _type(driver, "#api-key", "wrong-key")
+    _type(driver, "#prompt", "a photo of a man")
+    concept = _add_concept(driver)
+    Select(concept.find_element(By.CSS_SELECTOR, ".word-select")).select_by_visible_text("man")
+
+    # A wrong key: the server's 401 message.
+    assert "Authorization: Bearer" in _submit_and_wait_for_error(driver)
+
+    # No image: the message names the missing field.
+    _type(driver, "#api-key", KEY)
+    msg = _submit_and_wait_for_error(driver)
+    assert msg.startswith("images"), msg
+
+    # The chosen word no longer in the prompt: kept (and marked) in the list, and the
+    # server names the concept's word.
+    _upload_image(driver, concept, face_image(tmp_path / "face.png"))
+    _drag(driver, concept.find_element(By.CSS_SELECTOR, ".mask-canvas"), (-0.2, 0), (0.2, 0))
+    _type(driver, "#prompt", "a photo of a woman")
+    select = Select(concept.find_element(By.CSS_SELECTOR, ".word-select"))
+    assert select.first_selected_option.text == "man (not in the prompt)"
+    assert "woman" in [o.text for o in select.options]
+    msg = _submit_and_wait_for_error(driver)
+    assert "concepts[0].word" in msg and "does not occur in the prompt" in msg, msg
+    assert driver.find_element(By.ID, "submit").is_enabled()
+    assert severe_console_errors(driver, EXPECTED_FAILED_LOADS) == []
+
+
+SMALL_JOB = {"steps": "4", "width": "64", "height": "64", "seed": "7"}
+
+# Run in the page before submitting: the first /events connection is cut (a network
+# error) right after its first event; window.eventsRequests lists each connection's
+# Last-Event-ID header.
+DROP_FIRST_STREAM_JS = """
+const realFetch = window.fetch;
+window.eventsRequests = [];
+window.fetch = async (url, opts = {}) => {
+  const resp = await realFetch(url, opts);
+  if (!String(url).endsWith('/events')) return resp;
+  window.eventsRequests.push(new Headers(opts.headers || {}).get('Last-Event-ID'));
+  if (window.eventsRequests.length > 1) return resp;
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let seen = '', cut = false;
+  const body = new ReadableStream({
+    async pull(ctrl) {
+      if (cut) {
+        reader.cancel();
+        ctrl.error(new TypeError('network error (cut by the test)'));
+        return;
+      }
+      const {value, done} = await reader.read();
+      if (done) { ctrl.close(); return; }
+      seen += decoder.decode(value, {stream: true});
+      cut = /(^|\n)id:/.test(seen) && seen.endsWith('\n\n');
+      ctrl.enqueue(value);
+    },
+  });
+  return new Response(body, {status: resp.status, headers: resp.headers});
+};"""
+
+# Run in the page before submitting: /events answers 404 (a server without it).
+NO_EVENTS_JS = """
+const realFetch = window.fetch;
+window.fetch = (url, opts) => String(url).endsWith('/events')
+  ? Promise.resolve(new Response('{"error": {"code": "not_found", "message": "Not Found"}}',
+                                 {status: 404, headers: {'content-type': 'application/json'}}))
+  : realFetch(url, opts);"""
+
+
+def _wait_for_result(driver, stack) -> dict:
+    """Wait for the image, the semantic map and the legend; the page's state then."""
+    def done():
+        if err := _error_text(driver):
+            raise AssertionError(f"the page shows an error: {err}\n{stack.log('gateway')}")
+        return driver.execute_script("""
+            const img = document.getElementById('result-image');
+            const map = document.getElementById('semantic-map');
+            const legend = document.getElementById('legend').textContent;
+            return img.complete && img.naturalWidth > 0 && map.complete
+                && map.naturalWidth > 0 && legend.includes('man');""")
+
+    wait_until(done, 120, interval=0.25, what="the result on the page")
+    return driver.execute_script("""
+        const p = document.getElementById('progress');
+        return {value: p.value, transport: p.dataset.transport, status: p.dataset.status,
+                text: document.getElementById('progress-text').textContent,
+                image: document.getElementById('result-image').naturalWidth,
+                map: document.getElementById('semantic-map').naturalWidth,
+                words: [...document.querySelectorAll('#legend li')].map(li => li.textContent),
+                swatch: getComputedStyle(document.querySelector('#legend .swatch'))
+                          .backgroundColor,
+                cancel: document.getElementById('cancel').disabled,
+                progressLog: window.progressLog};""")
+
+
+def _assert_finished(state: dict) -> None:
+    assert state["value"] == 100 and "100%" in state["text"], state
+    assert state["status"] == "succeeded" and state["text"].startswith("Done"), state
+    assert state["image"] == 64 and state["map"] == 64, state
+    assert state["words"] == ["man"], state
+    assert state["swatch"] not in ("", "rgba(0, 0, 0, 0)"), state
+    assert state["cancel"] is True, state
+    # The page showed the progress as it went, never going back.
+    log = state["progressLog"]
+    assert len(log) >= 2 and log[-1] == state["text"], log
+    percents = [int(t.split("%")[0].split()[-1]) for t in log]
+    assert percents == sorted(percents), log
+
+
+def test_job_from_the_page_to_the_result(page, stack, tmp_path):
+    driver = page
+    _fill_job(driver, tmp_path, SMALL_JOB)
+    stack.wait_ready(timeout=120)
+    _record_progress(driver)
+    driver.find_element(By.ID, "submit").click()
+    state = _wait_for_result(driver, stack)
+    _assert_finished(state)
+    # The progress came over the event stream, not the polling fallback.
+    assert state["transport"] == "events", state
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "result.png"
+    driver.execute_script("window.scrollTo(0, 0)")
+    assert driver.save_screenshot(str(shot))
+    assert shot.is_file() and shot.stat().st_size > 0
+    assert severe_console_errors(driver) == []
+
+
+def test_dropped_event_stream_resumes_from_the_last_event(page, stack, tmp_path):
+    driver = page
+    _fill_job(driver, tmp_path, SMALL_JOB | {"seed": "8"})
+    stack.wait_ready(timeout=120)
+    driver.execute_script(DROP_FIRST_STREAM_JS)
+    _record_progress(driver)
+    driver.find_element(By.ID, "submit").click()
+    state = _wait_for_result(driver, stack)
+    _assert_finished(state)
+    assert state["transport"] == "events", state
+    first, *again = driver.execute_script("return window.eventsRequests")
+    assert first is None and again, [first, *again]
+    assert re.fullmatch(r"\d+-\d+", again[0]), again
+
+
+def test_without_an_event_stream_the_page_polls(page, stack, tmp_path):
+    driver = page
+    _fill_job(driver, tmp_path, SMALL_JOB | {"seed": "9"})
+    stack.wait_ready(timeout=120)
+    driver.execute_script(NO_EVENTS_JS)
+    _record_progress(driver)
+    driver.find_element(By.ID, "submit").click()
+    state = _wait_for_result(driver, stack)
+    _assert_finished(state)
+    assert state["transport"] == "polling", state
+
+
+def test_cancel_a_running_job(page, stack, tmp_path):
+    driver = page
+    # Long enough on a CPU to be caught mid-run.
+    _fill_job(driver, tmp_path, {"steps": "100", "width": "256", "height": "256"})
+    stack.wait_ready(timeout=120)
+    _record_progress(driver)
+    driver.find_element(By.ID, "submit").click()
+    cancel = driver.find_element(By.ID, "cancel")
+
+    def running():
+        if err := _error_text(driver):
+            raise AssertionError(f"the page shows an error: {err}")
+        text = driver.find_element(By.ID, "progress-text").text
+        return text.startswith("Running") and "step 0/" not in text
+
+    wait_until(running, 60, what="the job to run")
+    assert cancel.is_enabled()
+    cancel.click()
+    wait_until(lambda: driver.find_element(By.ID, "progress-text").text.startswith("Canceled"),
+               60, what="the job to be canceled")
+    log = driver.execute_script("return window.progressLog")
+    assert any(t.startswith("Cancel requested") for t in log), log
+    assert _error_text(driver) == ""
+    assert not cancel.is_enabled() and driver.find_element(By.ID, "submit").is_enabled()
+    assert not driver.find_element(By.ID, "result").is_displayed()
+    value = driver.execute_script("return document.getElementById('progress').value")
+    assert value < 100
+    assert severe_console_errors(driver) == []
