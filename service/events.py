@@ -41,7 +41,7 @@ local events = redis.call('HGET', KEYS[3], 'events')
 if events and string.find(events, ',' .. ARGV[1] .. ',', 1, true) then
   local did = ARGV[7] .. '_' .. id
   local rec = cjson.encode({id=did, event=ARGV[1], event_id=id, status='pending',
-                            attempts=0, next_attempt_at=tonumber(ARGV[5])})
+                            attempts=0, next_attempt_at=tonumber(ARGV[5]) / 1000})
   redis.call('HSET', KEYS[4], did, rec)
   redis.call('EXPIRE', KEYS[4], ARGV[3])
   redis.call('ZADD', KEYS[5], ARGV[5], ARGV[7] .. '|' .. id)

@@ -48,7 +48,7 @@ __all__ = ["JOB_FUNC", "JobError", "JobNotFound", "JobFinished", "IdempotencyCon
            "new_job_id", "enqueue", "fetch", "status_of", "describe", "cancel",
            "remember_idempotency", "lookup_idempotency", "idempotency_name", "ANONYMOUS",
            "live_workers", "mean_duration", "publish_end", "list_jobs", "delete", "purge",
-           "expire", "legend", "Webhook", "InvalidCursor"]
+           "expire", "expire_if_due", "legend", "Webhook", "InvalidCursor"]
 
 JOB_FUNC = "worker.tasks.generate"
 # The owner of jobs made without API keys configured.
@@ -348,6 +348,19 @@ def expire(redis: Redis, queue: Queue, record_ttl_s: int, now: float | None = No
         except JobFinished:
             continue
     return n
+
+
+def expire_if_due(redis: Redis, job: Job, queue: Queue, record_ttl_s: int) -> None:
+    """Expire a queued job whose deadline has passed, now: a reader must not see it
+    `queued` past its deadline while every worker is busy or none runs."""
+    meta = job.meta
+    due = [float(d) for d in (meta.get("deadline"), meta.get("queue_deadline")) if d is not None]
+    if not due or time.time() < min(due) or status_of(job) != JobState.QUEUED:
+        return
+    try:
+        cancel(redis, job, record_ttl_s, queue, state=JobState.EXPIRED)
+    except JobFinished:
+        pass
 
 
 def list_jobs(redis: Redis, queue: Queue, owner: str, *, limit: int = 20,

@@ -157,11 +157,19 @@ class MagicFaceWorker(SimpleWorker):
 
     def work(self, *args, **kwargs):
         self._alive.start()
+        hooks = None
+        if self.settings.webhook_delivery and self.settings.webhook_secrets:
+            from .webhooks import start_thread
+
+            hooks = start_thread(self.connection, self.settings)
         try:
             return super().work(*args, **kwargs)
         finally:
             self._alive_stop.set()
             self._alive.join(timeout=5)
+            if hooks is not None:
+                hooks[1].set()
+                hooks[0].join(timeout=self.settings.webhook_timeout_s + 5)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.settings.worker_heartbeat_ttl_s

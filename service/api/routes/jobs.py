@@ -234,8 +234,11 @@ def list_jobs(redis: RedisDep, queue: QueueDep, owner: OwnerDep,
 
 @router.get("/jobs/{job_id}", response_model=JobView, operation_id="get_job",
             summary="Job status and result", responses=openapi.errors(404))
-def get_job(job_id: str, redis: RedisDep, queue: QueueDep, owner: OwnerDep) -> JobView:
-    return jobs.describe(jobs.fetch(redis, job_id, owner), queue)
+def get_job(job_id: str, redis: RedisDep, queue: QueueDep, owner: OwnerDep,
+            settings: SettingsDep) -> JobView:
+    job = jobs.fetch(redis, job_id, owner)
+    jobs.expire_if_due(redis, job, queue, settings.result_ttl_s)
+    return jobs.describe(job, queue)
 
 
 @router.delete("/jobs/{job_id}", status_code=204, response_class=Response,
@@ -318,6 +321,7 @@ def _reconcile(redis: Redis, queue: Queue, job_id: str, record_ttl_s: int) -> bo
         job = jobs.fetch(redis, job_id)
     except jobs.JobNotFound:
         return False
+    jobs.expire_if_due(redis, job, queue, record_ttl_s)
     if not events.has_terminal(redis, job_id):
         jobs.publish_end(redis, job, queue, record_ttl_s)
     return True
