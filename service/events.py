@@ -27,7 +27,8 @@ PROGRESS_INTERVAL_S = 0.5
 MAX_EVENTS = 1000
 
 # KEYS: stream, terminal flag, webhook config, webhook log, due set.
-# ARGV: type, data, ttl, terminal (0/1), now_ms, max events, delivery id prefix.
+# ARGV: type, data, ttl, terminal (0/1), now_ms, max events, delivery id prefix,
+# job id.
 # Appends the event (once, for a terminal one), refreshes the TTLs, and when the job
 # has a webhook that wants this event, records a pending delivery and makes it due.
 _PUBLISH = """
@@ -44,7 +45,7 @@ if events and string.find(events, ',' .. ARGV[1] .. ',', 1, true) then
                             attempts=0, next_attempt_at=tonumber(ARGV[5]) / 1000})
   redis.call('HSET', KEYS[4], did, rec)
   redis.call('EXPIRE', KEYS[4], ARGV[3])
-  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[7] .. '|' .. id)
+  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[8] .. '|' .. id)
 end
 return id
 """
@@ -66,7 +67,7 @@ def publish(redis: Redis, job_id: str, event: EventType, data: dict[str, Any],
                         WEBHOOK_LOG_KEY.format(job_id), WEBHOOK_DUE_KEY,
                         event.value, json.dumps(data, default=str), ttl,
                         "1" if terminal else "0", int(time.time() * 1000), MAX_EVENTS,
-                        f"msg_{job_id}")
+                        f"msg_{job_id}", job_id)
     if terminal:
         redis.zrem(DEADLINES_KEY, job_id)
     return result.decode() if isinstance(result, bytes) else result

@@ -91,7 +91,14 @@ class MagicFaceWorker(SimpleWorker):
 
     @property
     def stop_requested(self) -> bool:
-        return bool(getattr(self, "_stop_requested", False))
+        # RQ sets _stop_requested only when a signal finds it busy; an idle worker
+        # leaves its loop by an exception instead, so the signal is noted here too.
+        return bool(getattr(self, "_stop_requested", False) or getattr(self, "_signaled",
+                                                                        False))
+
+    def request_stop(self, signum, frame):
+        self._signaled = True
+        return super().request_stop(signum, frame)
 
     def heartbeat(self, *args, **kwargs):
         return self._through_outage("heartbeat", super().heartbeat, *args, **kwargs)

@@ -128,9 +128,11 @@ class Stack:
                     p.kill()
 
     # -- client helpers -----------------------------------------------------------------
-    def submit(self, prompt, concepts, images, masks=(), params=None, headers=None):
-        return self.client.post("/v1/jobs", **job_form(prompt, concepts, images, masks, params),
-                                headers=headers or {})
+    def submit(self, prompt, concepts, images, masks=(), params=None, headers=None,
+               data_extra=None):
+        form = job_form(prompt, concepts, images, masks, params)
+        form["data"].update(data_extra or {})
+        return self.client.post("/v1/jobs", **form, headers=headers or {})
 
     def submit_job(self, job: dict, params=None, headers=None) -> dict:
         """Submit a job spec (prompt, concepts, images, masks); the accepted job's view."""

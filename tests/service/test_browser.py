@@ -230,7 +230,7 @@ SMALL_JOB = {"steps": "4", "width": "64", "height": "64", "seed": "7"}
 # Run in the page before submitting: the first /events connection is cut (a network
 # error) right after its first event; window.eventsRequests lists each connection's
 # Last-Event-ID header.
-DROP_FIRST_STREAM_JS = """
+DROP_FIRST_STREAM_JS = r"""
 const realFetch = window.fetch;
 window.eventsRequests = [];
 window.fetch = async (url, opts = {}) => {

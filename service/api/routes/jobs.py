@@ -303,10 +303,13 @@ async def job_events(
             if rows:
                 continue
             # Nothing new: the job may have ended without its event (its worker died
-            # before RQ noticed), or its record may be gone (expired, deleted).
-            alive = await _thread(request, lambda: _reconcile(redis, queue, job_id,
+            # before RQ noticed), its end may lie before `last` (a resume after the
+            # end), or its record may be gone (expired, deleted).
+            state = await _thread(request, lambda: _reconcile(redis, queue, job_id,
                                                               settings.result_ttl_s))
-            if not alive:
+            if state == "gone":
+                return
+            if state == "ended" and not await aredis.xread({key: last}, count=1):
                 return
             yield ": keep-alive\n\n"
 
@@ -315,16 +318,18 @@ async def job_events(
                                       "X-Accel-Buffering": "no"})
 
 
-def _reconcile(redis: Redis, queue: Queue, job_id: str, record_ttl_s: int) -> bool:
-    """False when the job no longer exists; appends a missing terminal event."""
+def _reconcile(redis: Redis, queue: Queue, job_id: str, record_ttl_s: int) -> str:
+    """"gone" (no such job any more), "ended" (its terminal event is in the log, now
+    at the latest) or "live"."""
     try:
         job = jobs.fetch(redis, job_id)
     except jobs.JobNotFound:
-        return False
+        return "gone"
     jobs.expire_if_due(redis, job, queue, record_ttl_s)
-    if not events.has_terminal(redis, job_id):
-        jobs.publish_end(redis, job, queue, record_ttl_s)
-    return True
+    if events.has_terminal(redis, job_id) or jobs.publish_end(redis, job, queue,
+                                                              record_ttl_s):
+        return "ended"
+    return "live"
 
 
 @router.get("/jobs/{job_id}/webhook_deliveries", response_model=WebhookDeliveries,
