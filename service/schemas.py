@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["JobState", "ErrorCode", "ErrorDetail", "ErrorBody", "Progress", "LegendEntry",
            "JobResult", "CacheReport", "Reproducibility", "JobView", "JobList",
@@ -113,6 +113,17 @@ class Reproducibility(BaseModel):
 
 
 class JobView(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "3f2a9c0d8e7b4a6f9c1d2e3f4a5b6c7d", "status": "succeeded",
+        "progress": {"step": 50, "total": 50, "percent": 100.0, "eta_s": None,
+                     "stage": "done"},
+        "created_at": "2026-11-26T10:00:00Z", "started_at": "2026-11-26T10:00:01Z",
+        "finished_at": "2026-11-26T10:00:04Z",
+        "result": {"image_url": "/v1/jobs/3f2a9c0d8e7b4a6f9c1d2e3f4a5b6c7d/image",
+                   "semantic_map_url": "/v1/jobs/3f2a9c0d8e7b4a6f9c1d2e3f4a5b6c7d/"
+                                       "semantic_map",
+                   "semantic_map_legend": [{"word": "man", "color": "#e6194b"}]}}]})
+
     id: str
     status: JobState
     progress: Progress

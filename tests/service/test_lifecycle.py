@@ -259,3 +259,21 @@ def test_openapi_types_uploads_and_errors_for_generators(make_api):
     assert {"list_jobs", "get_job", "delete_job", "cancel_job", "job_events", "get_image",
             "redeliver_webhook"} <= ops
     assert "HTTPValidationError" not in json.dumps(doc)
+
+
+def test_readiness_and_metrics_count_this_queues_workers_and_submissions(make_api):
+    api = make_api(queue_name="faces")
+    alive = "magicface:worker:{}"
+    api.redis.set(alive.format("other"), json.dumps({"model_loaded": True, "queue": "other"}))
+    r = api.get("/readyz")
+    assert r.status_code == 503 and "'faces'" in r.json()["error"]["message"]
+    api.redis.set(alive.format("mine"), json.dumps({"model_loaded": True, "queue": "faces"}))
+    assert api.get("/readyz").json() == {"status": "ready", "workers": 1}
+    ids = [api.post("/v1/jobs", **multipart()).json()["id"] for _ in range(2)]
+    assert api.post(f"/v1/jobs/{ids[0]}/cancel").json()["status"] == "canceled"
+    text = api.get("/metrics").text
+    assert "magicface_workers 1.0" in text
+    assert "magicface_jobs_submitted_total 2.0" in text
+    assert 'magicface_jobs_ended_while_queued_total{state="canceled"} 1.0' in text
+    assert 'magicface_jobs{status="canceled"} 1.0' in text
+    assert 'magicface_jobs{status="queued"} 1.0' in text

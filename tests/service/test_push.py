@@ -19,6 +19,8 @@ import pytest
 from ..helpers.examples import trio_job
 from ..helpers.stack import Stack
 
+pytestmark = pytest.mark.slow  # real processes; runs in .ci/run (MAGICFACE_ALL_TESTS=1)
+
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 5}
 MEDIUM = {"steps": 24, "width": 128, "height": 128, "seed": 5}
 SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-length").decode()
