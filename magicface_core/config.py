@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .errors import MagicFaceInputError
+from .limits import LIMITS, TEXT_LIMITS
 
 # The decoder self-attention layers at 32x32 and 64x64 for a 512x512 SD1.x/2.x
 # image: the paper's "blocks 5 and 6" (down1..3, mid, up1..3 counted from 0).
@@ -19,7 +20,7 @@ DEFAULT_REFERENCE_LAYERS: tuple[str, ...] = (
     "up_blocks.3.attentions.2",
 )
 
-MIN_STEPS, MAX_STEPS = 1, 200
+MIN_STEPS, MAX_STEPS = int(LIMITS["steps"].low), int(LIMITS["steps"].high)
 
 PRESETS = ("authors", "paper")
 
@@ -73,6 +74,12 @@ def _check_finite(name: str, value: Any) -> float:
     if not math.isfinite(float(value)):
         raise MagicFaceInputError(f"{name} must be finite, got {value!r}")
     return float(value)
+
+
+def _within(field: str, value: float, name: str | None = None) -> None:
+    problem = LIMITS[field].check(name or field, value)
+    if problem:
+        raise MagicFaceInputError(problem)
 
 
 @dataclass(frozen=True)
@@ -139,21 +146,13 @@ class GenerationConfig:
 
     def _check_sampling(self) -> None:
         """Steps, guidance, alpha, seeds and size."""
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
-            raise MagicFaceInputError(f"steps must be an integer, got {self.steps!r}")
-        if not MIN_STEPS <= self.steps <= MAX_STEPS:
-            raise MagicFaceInputError(
-                f"steps must be in [{MIN_STEPS}, {MAX_STEPS}], got {self.steps}")
-        g = _check_finite("guidance_scale", self.guidance_scale)
-        if g < 0 or g > 50:
-            raise MagicFaceInputError(f"guidance_scale must be in [0, 50], got {g}")
-        a = _check_finite("alpha", self.alpha)
-        if not 0.0 <= a <= 1.0:
-            raise MagicFaceInputError(f"alpha must be in [0, 1], got {a}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise MagicFaceInputError(f"seed must be an integer, got {self.seed!r}")
-        if not 0 <= self.seed < 2**63:
-            raise MagicFaceInputError(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("steps", "seed", "height", "width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise MagicFaceInputError(f"{name} must be an integer, got {v!r}")
+            _within(name, v)
+        for name in ("guidance_scale", "alpha"):
+            _within(name, _check_finite(name, getattr(self, name)))
         if self.reference_seed is not None and (
             isinstance(self.reference_seed, bool)
             or not isinstance(self.reference_seed, int)
@@ -161,14 +160,10 @@ class GenerationConfig:
         ):
             raise MagicFaceInputError("reference_seed must be None or an integer in "
                                       f"[0, 2**63), got {self.reference_seed!r}")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise MagicFaceInputError(f"{name} must be an integer, got {v!r}")
-            if v < 64 or v > 2048:
-                raise MagicFaceInputError(f"{name} must be in [64, 2048], got {v}")
-            if v % 8:
-                raise MagicFaceInputError(f"{name} must be a multiple of 8, got {v}")
+        if self.negative_prompt is not None and isinstance(self.negative_prompt, str) and \
+                len(self.negative_prompt) > TEXT_LIMITS["negative_prompt"]:
+            raise MagicFaceInputError("negative_prompt must be at most "
+                                      f"{TEXT_LIMITS['negative_prompt']} characters")
 
     def _check_method(self) -> None:
         """The preset and the fields it picks, the layers and the map grid."""
@@ -194,9 +189,7 @@ class GenerationConfig:
         ):
             raise MagicFaceInputError("reference_layers must be a tuple of module-name prefixes")
         if self.ca_scale is not None:
-            c = _check_finite("ca_scale", self.ca_scale)
-            if not 0.0 < c <= 1.0:
-                raise MagicFaceInputError(f"ca_scale must be in (0, 1], got {c}")
+            _within("ca_scale", _check_finite("ca_scale", self.ca_scale))
         lo = _check_finite("region_guidance_min", self.region_guidance_min)
         hi = _check_finite("region_guidance_max", self.region_guidance_max)
         if not 0.0 <= lo <= hi:
@@ -256,9 +249,11 @@ class Concept:
     def __post_init__(self) -> None:
         if not isinstance(self.word, str) or not self.word.strip():
             raise MagicFaceInputError("concept word must be a non-empty string")
+        if len(self.word) > TEXT_LIMITS["word"]:
+            raise MagicFaceInputError(f"concept word must be at most {TEXT_LIMITS['word']} "
+                                      "characters")
         w = _check_finite(f"weight of concept '{self.word}'", self.weight)
-        if w <= 0:
-            raise MagicFaceInputError(f"weight of concept '{self.word}' must be > 0, got {w}")
+        _within("weight", w, f"weight of concept '{self.word}'")
         if self.reference_prompt is not None and not isinstance(self.reference_prompt, str):
             raise MagicFaceInputError(f"reference_prompt of concept '{self.word}' must be a string")
         if self.box is not None:

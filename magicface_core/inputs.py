@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from .config import Concept, GenerationConfig
 from .errors import MagicFaceInputError
+from .limits import LIMITS, TEXT_LIMITS
 
 __all__ = ["check_call", "check_noise"]
 
@@ -18,6 +19,11 @@ def check_call(prompt, concepts, config) -> None:
         raise MagicFaceInputError("config must be a GenerationConfig")
     if not isinstance(concepts, (list, tuple)):
         raise MagicFaceInputError("concepts must be a list of Concept")
+    if len(prompt) > TEXT_LIMITS["prompt"]:
+        raise MagicFaceInputError(f"prompt must be at most {TEXT_LIMITS['prompt']} characters")
+    most = int(LIMITS["concepts"].high)
+    if len(concepts) > most:
+        raise MagicFaceInputError(f"at most {most} concepts per call, got {len(concepts)}")
     seen = set()
     for i, c in enumerate(concepts):
         if not isinstance(c, Concept):
