@@ -15,6 +15,8 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY magicface_core ./magicface_core
+COPY magicface_client ./magicface_client
+COPY server_namespace ./server_namespace
 COPY service ./service
 COPY worker ./worker
 RUN pip install --upgrade pip \

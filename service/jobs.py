@@ -50,7 +50,10 @@ __all__ = ["JOB_FUNC", "JobError", "JobNotFound", "JobFinished", "IdempotencyCon
            "live_workers", "mean_duration", "publish_end", "list_jobs", "delete", "purge",
            "expire", "expire_if_due", "legend", "Webhook", "InvalidCursor"]
 
-JOB_FUNC = "worker.tasks.generate"
+# The worker's job function, beside this package: `worker.tasks.generate` in a checkout
+# or the image, `magicface_server.worker.tasks.generate` when installed from the wheel.
+_ROOT = (__package__ or "service").rpartition(".")[0]
+JOB_FUNC = f"{_ROOT}.worker.tasks.generate" if _ROOT else "worker.tasks.generate"
 # The owner of jobs made without API keys configured.
 ANONYMOUS = "public"
 # Job ids are ours (uuid4 hex): anything else is unknown before RQ sees it (RQ refuses

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from magicface_core.limits import LIMITS
+
 
 class Settings(BaseSettings):
     """Read from environment variables of the same name, upper-case (REDIS_URL, ...)."""
@@ -29,9 +31,10 @@ class Settings(BaseSettings):
     max_image_bytes: int = 10 * 2**20
     max_request_bytes: int = 40 * 2**20
     max_image_pixels: int = 4096 * 4096
-    max_concepts: int = 4
-    max_steps: int = 100
-    max_size: int = 1024
+    # The library's limits (magicface_core.limits) by default; an operator may lower them.
+    max_concepts: int = int(LIMITS["concepts"].high)
+    max_steps: int = int(LIMITS["steps"].high)
+    max_size: int = int(LIMITS["width"].high)
     job_timeout_s: int = 600
     result_ttl_s: int = 7 * 86400
     idempotency_ttl_s: int = 86400
@@ -94,6 +97,17 @@ class Settings(BaseSettings):
     @property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @field_validator("max_concepts", "max_steps", "max_size")
+    @classmethod
+    def _within_library_limits(cls, v: int, info) -> int:
+        name = {"max_concepts": "concepts", "max_steps": "steps", "max_size": "width"}[
+            info.field_name]
+        lim = LIMITS[name]
+        if not lim.low <= v <= lim.high:
+            raise ValueError(f"{info.field_name.upper()} must be in [{lim.low:g}, "
+                             f"{lim.high:g}] (the library's limit), got {v}")
+        return v
 
     @field_validator("safety_checker")
     @classmethod

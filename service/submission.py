@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from magicface_core.limits import TEXT_LIMITS
+
 from .errors import ApiError
 from .remote import AddressRefused, FetchError, check_url, decode_data_uri, fetch_url
 from .schemas import EventType
@@ -47,7 +49,7 @@ class JsonConcept(ConceptSpec):
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(max_length=1000)
+    prompt: str = Field(max_length=TEXT_LIMITS["prompt"])
     concepts: list[JsonConcept]
     params: Params | None = None
     webhook: str | None = Field(None, description="URL to POST signed job events to")

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from magicface_core.config import GenerationConfig
+from magicface_core.limits import LIMITS, TEXT_LIMITS
 
 from .errors import ApiError
 from .settings import Settings
@@ -25,31 +26,41 @@ EXIF_ORIENTATION = 0x0112
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
+def _range(name: str) -> dict:
+    """Pydantic bounds from the library's one table of limits (magicface_core.limits)."""
+    lim = LIMITS[name]
+    low = {"gt": lim.low} if lim.low_open else {"ge": lim.low}
+    extra = {"multiple_of": lim.multiple_of} if lim.multiple_of else {}
+    return {**low, "le": lim.high, **extra}
+
+
 class ConceptSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    word: str = Field(min_length=1, max_length=64)
-    weight: float = Field(default=3.0, gt=0, le=20, allow_inf_nan=False)
-    reference_prompt: str | None = Field(default=None, max_length=300)
+    word: str = Field(min_length=1, max_length=TEXT_LIMITS["word"])
+    weight: float = Field(default=3.0, allow_inf_nan=False, **_range("weight"))
+    reference_prompt: str | None = Field(default=None,
+                                         max_length=TEXT_LIMITS["reference_prompt"])
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(default=50, ge=1)
-    guidance_scale: float = Field(default=7.5, ge=0, le=50, allow_inf_nan=False)
-    alpha: float = Field(default=0.4, ge=0, le=1, allow_inf_nan=False)
-    seed: int = Field(default=0, ge=0, lt=2**63)
+    steps: int = Field(default=50, **_range("steps"))
+    guidance_scale: float = Field(default=7.5, allow_inf_nan=False, **_range("guidance_scale"))
+    alpha: float = Field(default=0.4, allow_inf_nan=False, **_range("alpha"))
+    seed: int = Field(default=0, **_range("seed"))
     # None: the preset's (the authors' negative prompt under "authors", "" under "paper").
-    negative_prompt: str | None = Field(default=None, max_length=1000)
-    width: int = Field(default=512, ge=64)
-    height: int = Field(default=512, ge=64)
+    negative_prompt: str | None = Field(default=None,
+                                        max_length=TEXT_LIMITS["negative_prompt"])
+    width: int = Field(default=512, **_range("width"))
+    height: int = Field(default=512, **_range("height"))
     # "authors" reproduces the code that made the published images; "paper" is the
     # paper's equations alone.
     preset: Literal["authors", "paper"] = "authors"
     # Non-concept tokens' weight in the semantic map; None: the preset's (authors: 0.9
     # for one concept, 0.6 for several; paper: 1).
-    ca_scale: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    ca_scale: float | None = Field(default=None, allow_inf_nan=False, **_range("ca_scale"))
 
     def to_config(self, **extra) -> GenerationConfig:
         """The library config of these parameters (the worker adds its own settings,
@@ -227,8 +238,9 @@ def validate_request(prompt: str, concepts_raw: str | list, images: list[Upload]
                        "-byte limit")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ApiError(422, "invalid_prompt", "prompt: must not be empty")
-    if len(prompt) > 1000:
-        raise ApiError(422, "invalid_prompt", "prompt: at most 1000 characters")
+    if len(prompt) > TEXT_LIMITS["prompt"]:
+        raise ApiError(422, "invalid_prompt",
+                       f"prompt: at most {TEXT_LIMITS['prompt']} characters")
     concepts = parse_concepts(concepts_raw, settings)
     for i, c in enumerate(concepts):
         if not word_in_prompt(c.word, prompt):

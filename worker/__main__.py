@@ -8,10 +8,8 @@ import time
 from redis import Redis
 from rq import Queue
 
-from service.settings import Settings
-from service.storage import open_storage
-
 from . import tasks
+from ._service import Settings, open_storage
 from .worker import MagicFaceWorker
 
 

@@ -12,7 +12,7 @@ import time
 from redis import Redis
 from rq.job import Job
 
-from service.storage import Storage
+from ._service import Storage
 
 __all__ = ["sweep", "sweep_if_due", "SWEEP_LOCK"]
 

@@ -19,22 +19,24 @@ from pydantic import ValidationError
 from redis import Redis
 from rq import get_current_job
 
-from service import events, metrics
-from service.jobs import describe
-from service.keys import CANCEL_KEY
-from service.schemas import ErrorCode, EventType, JobState
-from service.settings import Settings
-from service.storage import (
+from ._service import (
+    ErrorCode,
+    EventType,
+    JobState,
+    Params,
+    Settings,
     Storage,
     StorageError,
     StorageNotFound,
+    events,
     input_key,
+    jobs,
+    keys,
+    metrics,
     output_key,
     output_prefix,
     request_key,
 )
-from service.validation import Params
-
 from .retry import REDIS_DOWN, retry
 
 log = logging.getLogger("magicface.worker")
@@ -115,7 +117,7 @@ def publish(rt: Runtime, job, event: EventType, data: dict) -> None:
 def _view(rt: Runtime, job) -> dict:
     from rq import Queue
 
-    return describe(job, Queue(job.origin, connection=rt.redis),
+    return jobs.describe(job, Queue(job.origin, connection=rt.redis),
                     refresh=False).model_dump(mode="json")
 
 
@@ -147,7 +149,7 @@ def generate(job_id: str) -> dict:
         raise RuntimeError("the worker runtime is not initialised")
     job = get_current_job()
     started = time.monotonic()
-    flag = retry(lambda: rt.redis.get(CANCEL_KEY.format(job_id)), errors=REDIS_DOWN,
+    flag = retry(lambda: rt.redis.get(keys.CANCEL_KEY.format(job_id)), errors=REDIS_DOWN,
                  within_s=rt.settings.redis_retry_s, what=f"job {job_id}: cancel flag")
     due = [float(d) for d in (job.meta.get("deadline"), job.meta.get("queue_deadline"))
            if d is not None]
@@ -239,7 +241,7 @@ def run(rt: Runtime, job, job_id: str, prompt: str, concepts, config):
 
     from magicface_core import MagicFaceInputError
 
-    cancel_key = CANCEL_KEY.format(job_id)
+    cancel_key = keys.CANCEL_KEY.format(job_id)
     rsa_steps = config.resolve(len(concepts)).rsa_steps
     clock = {"start": time.monotonic(), "published": 0.0}
 

@@ -23,12 +23,7 @@ from datetime import datetime, timezone
 import httpx
 from redis import Redis
 
-from service import events
-from service.keys import WEBHOOK_DUE_KEY, WEBHOOK_KEY, WEBHOOK_LOG_KEY
-from service.remote import AddressRefused, check_url
-from service.schemas import EventType
-from service.settings import Settings
-from service.webhooks import payload_type, signature_header
+from ._service import EventType, Settings, events, keys, remote, webhooks
 
 __all__ = ["Deliverer", "main"]
 
@@ -67,7 +62,7 @@ class Deliverer:
         """Attempt the due deliveries (in parallel); how many were attempted."""
         now = time.time()
         lease = (now + self.settings.webhook_timeout_s + 30) * 1000
-        due = self.redis.eval(_CLAIM, 1, WEBHOOK_DUE_KEY, now * 1000, lease, CONCURRENCY)
+        due = self.redis.eval(_CLAIM, 1, keys.WEBHOOK_DUE_KEY, now * 1000, lease, CONCURRENCY)
         members = [m.decode() if isinstance(m, bytes) else m for m in due]
         for f in [self.pool.submit(self.attempt, m) for m in members]:
             f.result()
@@ -76,34 +71,34 @@ class Deliverer:
     def attempt(self, member: str) -> None:
         job_id, event_id = member.split("|", 1)
         did = events.delivery_id(job_id, event_id)
-        log_key = WEBHOOK_LOG_KEY.format(job_id)
+        log_key = keys.WEBHOOK_LOG_KEY.format(job_id)
         raw = self.redis.hget(log_key, did)
-        hook = self.redis.hgetall(WEBHOOK_KEY.format(job_id))
+        hook = self.redis.hgetall(keys.WEBHOOK_KEY.format(job_id))
         rows = self.redis.xrange(events.events_key(job_id), event_id, event_id)
         if raw is None or not hook or not rows:  # the job expired or was deleted
-            self.redis.zrem(WEBHOOK_DUE_KEY, member)
+            self.redis.zrem(keys.WEBHOOK_DUE_KEY, member)
             return
         rec = json.loads(raw)
         url = hook[b"url"].decode()
         fields = rows[0][1]
         event = EventType(fields[b"type"].decode())
-        body = json.dumps({"type": payload_type(event),
+        body = json.dumps({"type": webhooks.payload_type(event),
                            "timestamp": _event_time(event_id),
                            "data": json.loads(fields[b"data"])}).encode()
         status_code, error = None, None
         try:
             # Checked at every attempt: the name may resolve elsewhere by now.
-            check_url(url, schemes=("https", "http"),
+            remote.check_url(url, schemes=("https", "http"),
                       allow_private=self.settings.webhook_allow_private)
             ts = int(time.time())
             r = self.http.post(url, content=body, headers={
                 "content-type": "application/json", "webhook-id": did,
                 "webhook-timestamp": str(ts),
-                "webhook-signature": signature_header(self.secrets, did, ts, body)})
+                "webhook-signature": webhooks.signature_header(self.secrets, did, ts, body)})
             status_code = r.status_code
             if not 200 <= r.status_code < 300:
                 error = f"HTTP {r.status_code}"
-        except AddressRefused as e:
+        except remote.AddressRefused as e:
             error = f"refused: {e}"
         except httpx.HTTPError as e:
             error = f"{type(e).__name__}"
@@ -121,17 +116,17 @@ class Deliverer:
             rec["first_attempt_at"] = now
         if error is None:
             rec.update(status="delivered", delivered_at=now, next_attempt_at=None)
-            self.redis.zrem(WEBHOOK_DUE_KEY, member)
+            self.redis.zrem(keys.WEBHOOK_DUE_KEY, member)
         elif now - rec["first_attempt_at"] >= self.settings.webhook_retry_for_s:
             rec.update(status="failed", next_attempt_at=None)
-            self.redis.zrem(WEBHOOK_DUE_KEY, member)
+            self.redis.zrem(keys.WEBHOOK_DUE_KEY, member)
             log.warning("webhook %s: giving up after %d attempts (%s)", did,
                         rec["attempts"], error)
         else:
             delay = min(self.settings.webhook_backoff_s * 3 ** (rec["attempts"] - 1),
                         self.settings.webhook_backoff_max_s)
             rec.update(status="pending", next_attempt_at=now + delay)
-            self.redis.zadd(WEBHOOK_DUE_KEY, {member: (now + delay) * 1000})
+            self.redis.zadd(keys.WEBHOOK_DUE_KEY, {member: (now + delay) * 1000})
         self.redis.hset(log_key, did, json.dumps(rec))
 
 

@@ -22,11 +22,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.worker import WorkerStatus
 
-from service import events, jobs
-from service.keys import DELETED_KEY, WORKER_ALIVE_KEY
-from service.settings import Settings
-from service.storage import Storage, StorageError
-
+from ._service import Settings, Storage, StorageError, events, jobs, keys
 from .retry import REDIS_DOWN, retry
 from .sweeper import sweep_if_due
 
@@ -52,7 +48,7 @@ class MagicFaceWorker(SimpleWorker):
 
     # Registration for /readyz: a short-lived key per worker with its model.
     def _announce(self) -> None:
-        key = WORKER_ALIVE_KEY.format(self.name)
+        key = keys.WORKER_ALIVE_KEY.format(self.name)
         ttl = self.settings.worker_heartbeat_ttl_s
         info = json.dumps({"name": self.name, "model": self.model, "model_loaded": True,
                            "queue": self.settings.queue_name, "pid": os.getpid(),
@@ -131,7 +127,7 @@ class MagicFaceWorker(SimpleWorker):
         try:
             self._through_outage("terminal event", jobs.publish_end, self.connection, job, queue,
                                  self.settings.result_ttl_s)
-            if self.connection.exists(DELETED_KEY.format(job.id)):
+            if self.connection.exists(keys.DELETED_KEY.format(job.id)):
                 self._purge_deleted(job)
         except Exception as e:  # noqa: BLE001 - the maintenance reconciles it later
             log.warning("job %s: end not announced: %s", job.id, e)
