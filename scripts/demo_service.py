@@ -28,7 +28,8 @@ def main() -> int:
     size = 256 if model == "tiny" else 512
     print(f"redis: {url}{' (started for the demo)' if redis_proc else ''}; model: {model}")
     stack = Stack({"REDIS_URL": url, "STORAGE_URL": f"file://{out / 'storage'}",
-                   "MAGICFACE_MODEL": model, "QUEUE_NAME": "magicface-demo"}, out / "logs")
+                   "MAGICFACE_MODEL": model, "MAGICFACE_DEMO": "true",
+                   "QUEUE_NAME": "magicface-demo"}, out / "logs")
     try:
         stack.start_gateway()
         print(f"gateway: {stack.base_url} (docs at {stack.base_url}/docs)")

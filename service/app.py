@@ -57,7 +57,8 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     app.state.queue = Queue(settings.queue_name, connection=app.state.redis)
     app.state.storage = storage or open_storage(
         settings.storage_url, endpoint_url=settings.s3_endpoint_url,
-        region=settings.s3_region, public_url=settings.s3_public_url)
+        region=settings.s3_region, public_url=settings.s3_public_url,
+        create_bucket=settings.s3_create_bucket)
     app.add_middleware(GatewayMiddleware, settings=settings)
     _install_error_handlers(app)
     app.include_router(job_routes.router)

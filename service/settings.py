@@ -21,8 +21,14 @@ class Settings(BaseSettings):
         default=None, description="S3 endpoint as clients reach it; set to redirect "
                                   "image downloads to presigned URLs")
     s3_region: str = "us-east-1"
+    # Create the bucket at start when missing (race-safe). A deployment with an init
+    # step (compose's `init`, the Kubernetes Job) sets it false.
+    s3_create_bucket: bool = True
     queue_name: str = "magicface"
-    magicface_model: str = "tiny"
+    # A hub id or a local diffusers folder. Unset, a worker refuses to start unless
+    # MAGICFACE_DEMO=true (then: "tiny", the random-weight model that draws noise).
+    magicface_model: str | None = None
+    magicface_demo: bool = False
 
     # Gateway.
     host: str = "127.0.0.1"
@@ -63,6 +69,10 @@ class Settings(BaseSettings):
 
     # Worker.
     device: str | None = None  # default: cuda if available
+    require_gpu: bool = False  # refuse to start on a machine without a usable CUDA GPU
+    # The worker touches this file at every heartbeat; `python -m worker.healthcheck`
+    # (the container's healthcheck) reads its age.
+    heartbeat_file: str = "/tmp/magicface-worker.heartbeat"
     dtype: str | None = None  # float16 / bfloat16 / float32
     kv_cache_device_bytes: int = 4 * 2**30
     kv_cache_host_bytes: int = 8 * 2**30
@@ -82,6 +92,16 @@ class Settings(BaseSettings):
     orphan_grace_s: int = 3600  # objects with no job record, older than this, are deleted
     safety_checker: str = "off"  # off | warn | block (needs the checkpoint's checker)
     safety_checker_model: str | None = None  # the checker's folder or hub id
+
+    def model_to_load(self) -> str:
+        """MAGICFACE_MODEL, or "tiny" in demo mode; raises ValueError when neither."""
+        if self.magicface_model:
+            return self.magicface_model
+        if self.magicface_demo:
+            return "tiny"
+        raise ValueError("MAGICFACE_MODEL is not set: name a diffusers checkpoint (a hub "
+                         "id or a local folder), or set MAGICFACE_DEMO=true to run the "
+                         "random-weight tiny model (it draws noise)")
 
     @property
     def input_url_hosts(self) -> frozenset[str]:

@@ -175,12 +175,21 @@ class S3Storage(Storage):
             raise StorageError(f"{what}: {e}") from e
 
     def ensure_bucket(self) -> None:
+        """Create the bucket unless it exists; another process creating it at the same
+        moment is not an error."""
         from botocore.exceptions import ClientError
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            return
         except ClientError:
-            self._call("create bucket", self.client.create_bucket, Bucket=self.bucket)
+            pass
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou",
+                                                               "BucketAlreadyExists"):
+                raise StorageError(f"create bucket: {e}") from e
 
     def put(self, key, data, content_type="application/octet-stream"):
         self._call(f"put {key}", self.client.put_object, Bucket=self.bucket, Key=self._k(key),
@@ -249,8 +258,9 @@ class S3Storage(Storage):
 
 
 def open_storage(url: str, *, endpoint_url: str | None = None, region: str = "us-east-1",
-                 public_url: str | None = None) -> Storage:
-    """`file:///path` (or a bare path) or `s3://bucket[/prefix]`."""
+                 public_url: str | None = None, create_bucket: bool = True) -> Storage:
+    """`file:///path` (or a bare path) or `s3://bucket[/prefix]` (its bucket created
+    when missing, with `create_bucket`)."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme else url
@@ -262,6 +272,7 @@ def open_storage(url: str, *, endpoint_url: str | None = None, region: str = "us
             raise ValueError(f"STORAGE_URL {url!r} names no bucket")
         s = S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region,
                       public_url=public_url)
-        s.ensure_bucket()
+        if create_bucket:
+            s.ensure_bucket()
         return s
     raise ValueError(f"STORAGE_URL must be file://... or s3://..., got {url!r}")

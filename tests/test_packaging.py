@@ -6,6 +6,7 @@ installed on its own, the gateway and the worker find each other under those nam
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,9 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy of the packaged files: setuptools' build/ folder in the checkout
+    # would otherwise keep files the tree no longer has.
+    src = tmp_path_factory.mktemp("src")
+    for rel in ["pyproject.toml", "README.md"]:
+        shutil.copy(ROOT / rel, src / rel)
+    for folder in ("magicface_core", "magicface_client", "server_namespace", "service",
+                   "worker"):
+        shutil.copytree(ROOT / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "-q", "-w", str(out), str(ROOT)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out),
+                    str(src)], check=True, capture_output=True)
     return next(out.glob("magicface-*.whl"))
 
 

@@ -19,7 +19,7 @@ def load_pipeline(settings: Settings):
 
     from magicface_core import load_pipeline as load
 
-    pipe = load(settings.magicface_model, device=settings.device,
+    pipe = load(settings.model_to_load(), device=settings.device,
                 dtype=getattr(torch, settings.dtype) if settings.dtype else None)
     pipe.enable_kv_cache(settings.kv_cache_device_bytes, settings.kv_cache_host_bytes)
     pipe.fold_attention_bias = settings.fold_attention_bias
@@ -36,7 +36,7 @@ def load_safety_checker(settings: Settings, device, log):
         return None
     from magicface_core.safety import SafetyChecker, find_safety_checker
 
-    source = find_safety_checker(settings.magicface_model, settings.safety_checker_model)
+    source = find_safety_checker(settings.model_to_load(), settings.safety_checker_model)
     if source is None:
         log.warning("SAFETY_CHECKER=%s but no checker weights were found (set "
                     "SAFETY_CHECKER_MODEL): images are not checked", settings.safety_checker)
@@ -44,9 +44,31 @@ def load_safety_checker(settings: Settings, device, log):
     return SafetyChecker.from_pretrained(source, device=device)
 
 
+def check_startup(settings: Settings) -> str:
+    """The model to load, once the settings allow this worker to start: a model named
+    (or demo mode), and a usable GPU when REQUIRE_GPU is set. Raises SystemExit with
+    the reason."""
+    try:
+        model = settings.model_to_load()
+    except ValueError as e:
+        raise SystemExit(f"worker: {e}") from None
+    if settings.require_gpu:
+        import torch
+
+        device = settings.device or "cuda"
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise SystemExit(
+                "worker: REQUIRE_GPU=true but no usable CUDA GPU "
+                f"(DEVICE={settings.device or 'unset'}, torch.cuda.is_available()="
+                f"{torch.cuda.is_available()}): check the container's GPU reservation and "
+                "the NVIDIA runtime, or set REQUIRE_GPU=false to run on the CPU")
+    return model
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
+    model = check_startup(settings)
     if settings.worker_threads:
         import torch
 
@@ -55,19 +77,20 @@ def main() -> None:
     redis = Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
                            health_check_interval=10)
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
-                           region=settings.s3_region, public_url=settings.s3_public_url)
+                           region=settings.s3_region, public_url=settings.s3_public_url,
+        create_bucket=settings.s3_create_bucket)
     pipe = load_pipeline(settings)
     log = logging.getLogger("magicface.worker")
     tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage, redis=redis,
                                   safety=load_safety_checker(settings, pipe.device, log),
                                   weights_sha256=pipe.weights_sha256())
-    log.info("model %s loaded on %s", settings.magicface_model, pipe.device)
+    log.info("model %s loaded on %s", model, pipe.device)
     # RQ's loop ends on an error it does not handle (a Redis outage outlasting
     # REDIS_RETRY_S, say): start it again, model still loaded, unless asked to stop.
     while True:
         worker = MagicFaceWorker([Queue(settings.queue_name, connection=redis)],
                                  settings=settings, connection=redis,
-                                 model=settings.magicface_model, storage=storage)
+                                 model=model, storage=storage)
         worker.work(with_scheduler=False)
         if worker.stop_requested:
             break

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 from redis import Redis
 from rq import Queue, SimpleWorker
@@ -57,6 +58,9 @@ class MagicFaceWorker(SimpleWorker):
         while True:
             try:
                 self.connection.set(key, info, ex=ttl)
+                # The container's healthcheck reads this file's age: it stays fresh
+                # while the worker can reach Redis and its loop is alive.
+                Path(self.settings.heartbeat_file).touch()
             except Exception as e:  # noqa: BLE001 - Redis may come back
                 log.warning("worker announce failed: %s", e)
             try:
