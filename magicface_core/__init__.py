@@ -10,14 +10,19 @@ from .config import Concept, GenerationConfig
 from .errors import MagicFaceInputError
 
 if TYPE_CHECKING:
+    from .output import MagicFacePipelineOutput
     from .pipeline import MagicFacePipeline, MagicFaceResult, load_pipeline
 
 __all__ = ["Concept", "GenerationConfig", "MagicFaceInputError", "MagicFacePipeline",
-           "MagicFaceResult", "load_pipeline"]
+           "MagicFaceResult", "MagicFacePipelineOutput", "load_pipeline"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    if name == "MagicFacePipelineOutput":
+        from .output import MagicFacePipelineOutput
+
+        return MagicFacePipelineOutput
     if name in ("MagicFacePipeline", "MagicFaceResult", "load_pipeline"):
         from . import pipeline
 

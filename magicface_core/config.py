@@ -234,7 +234,8 @@ class GenerationConfig:
 class Concept:
     """One reference concept: an image, the prompt word it customizes, and its mask.
 
-    `image` and `mask` are PIL images (or paths / bytes, decoded on use). With no
+    `image` and `mask` are PIL images, paths, bytes, numpy arrays or torch tensors
+    ((H, W[, C]) or (C, H, W); uint8, or floats in [0, 1]), decoded on use. With no
     mask, an automatic segment-anything mask is computed (needs `sam_checkpoint`).
     `box` (x0, y0, x1, y1 in image pixels) narrows the automatic mask's prompt.
     """

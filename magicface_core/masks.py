@@ -18,11 +18,38 @@ __all__ = ["load_image", "binarize_mask", "letterbox", "sam_mask", "load_sam_pre
 MAX_IMAGE_PIXELS = 64_000_000
 
 
+def _from_array(source: Any, what: str) -> Image.Image:
+    """A numpy array or torch tensor as an image: (H, W) grey, (H, W, 3|4) or
+    (3|4, H, W) colour; uint8 as is, floats in [0, 1]."""
+    arr = source.detach().cpu().numpy() if hasattr(source, "detach") else np.asarray(source)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # channels first (a torch image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise MagicFaceInputError(f"{what}: an array must be (H, W), (H, W, 3|4) or "
+                                  f"(3|4, H, W), got shape {tuple(arr.shape)}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise MagicFaceInputError(f"{what}: a float array must hold values in [0, 1]")
+        arr = (arr * 255).round().astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise MagicFaceInputError(f"{what}: an array must be uint8, bool or float in "
+                                  f"[0, 1], got {arr.dtype}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise MagicFaceInputError(f"{what}: empty image")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
 def load_image(source: Any, what: str = "image") -> Image.Image:
-    """A PIL image from a PIL image, a path or bytes, fully decoded. `what` names the
-    input in errors."""
+    """A PIL image from a PIL image, a path, bytes, a numpy array or a torch tensor,
+    fully decoded. `what` names the input in errors."""
     if isinstance(source, Image.Image):
         img = source
+    elif isinstance(source, np.ndarray) or hasattr(source, "detach"):
+        return _from_array(source, what)
     else:
         try:
             if isinstance(source, (bytes, bytearray, memoryview)):
@@ -30,8 +57,9 @@ def load_image(source: Any, what: str = "image") -> Image.Image:
             elif isinstance(source, (str, Path)):
                 img = Image.open(Path(source))
             else:
-                raise MagicFaceInputError(f"{what}: expected a PIL image, a path or bytes, "
-                                          f"got {type(source).__name__}")
+                raise MagicFaceInputError(f"{what}: expected a PIL image, a path, bytes, a "
+                                          f"numpy array or a tensor, got "
+                                          f"{type(source).__name__}")
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise MagicFaceInputError(f"{what}: {img.width}x{img.height} exceeds the "
                                           f"{MAX_IMAGE_PIXELS} pixel limit")

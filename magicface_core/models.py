@@ -148,6 +148,10 @@ def load_components(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     local_files_only: bool | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    use_safetensors: bool | None = None,
+    **kwargs,
 ) -> Components:
     """Load an SD1.x / SD2.x diffusers checkpoint (a local folder or a hub id).
 
@@ -160,9 +164,17 @@ def load_components(
     if local_files_only is None:
         local_files_only = _is_local(model)
     kw = {"local_files_only": local_files_only}
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **kw)
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
-    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
+    if revision is not None:
+        kw["revision"] = revision
+    # Weights' options (diffusers' names), passed to each model as diffusers would.
+    weights = {k: v for k, v in (("variant", variant), ("use_safetensors", use_safetensors))
+               if v is not None}
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype,
+                                                **kw, **weights, **kwargs)
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw,
+                                        **weights, **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype,
+                                                 **kw, **weights, **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
     scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
     for m in (unet, vae, text_encoder):

@@ -3,11 +3,13 @@ prepare the call, run a loop, decode)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +21,10 @@ from .errors import MagicFaceInputError
 from .inputs import check_call, check_noise
 from .kv_cache import ReferenceKVCache
 from .models import Components, load_components, save_components, tiny_components
+from .output import MagicFacePipelineOutput
 from .reference import PreparedReference, prepare_reference
 from .sampling import FastSampler, make_scheduler, prepare_call, sample_reference
+from .sampling.steps import StepEndCallback
 from .tokens import word_token_indices
 
 __all__ = ["MagicFacePipeline", "MagicFaceResult", "load_pipeline"]
@@ -141,16 +145,29 @@ class MagicFacePipeline:
                    model_name=model_name)
 
     @classmethod
-    def from_pretrained(cls, model: str, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, **kwargs) -> MagicFacePipeline:
-        """Load a diffusers SD1.x/SD2.x checkpoint: a local folder or a hub id.
-
-        dtype defaults to fp16 on CUDA and fp32 elsewhere.
-        """
-        device = torch.device(device)
-        dtype = dtype or _default_dtype(device)
-        comps = load_components(model, device=device, dtype=dtype, **kwargs)
-        return cls.from_components(comps, model_name=str(model))
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *,
+                        torch_dtype: torch.dtype | None = None,
+                        dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None,
+                        variant: str | None = None, revision: str | None = None,
+                        use_safetensors: bool | None = None,
+                        local_files_only: bool | None = None,
+                        **kwargs: Any) -> MagicFacePipeline:
+        """Load a diffusers SD1.x/SD2.x checkpoint: a local folder or a hub id, with
+        diffusers' loading options (`torch_dtype`, `variant`, `revision`,
+        `use_safetensors`, `local_files_only`; other keywords go to each model's
+        `from_pretrained`). `dtype` is an alias of `torch_dtype`. Device: `device`
+        (default CPU, as diffusers; move with `.to("cuda")`); dtype: fp16 on CUDA,
+        fp32 elsewhere, unless given."""
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise TypeError("give torch_dtype or its alias dtype, not both")
+        device = torch.device(device or "cpu")
+        dtype = torch_dtype or dtype or _default_dtype(device)
+        comps = load_components(pretrained_model_name_or_path, device=device, dtype=dtype,
+                                variant=variant, revision=revision,
+                                use_safetensors=use_safetensors,
+                                local_files_only=local_files_only, **kwargs)
+        return cls.from_components(comps, model_name=str(pretrained_model_name_or_path))
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu") -> MagicFacePipeline:
@@ -160,6 +177,9 @@ class MagicFacePipeline:
 
     @property
     def components(self) -> Components:
+        """The modules (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`): a
+        named tuple, also usable as a dict (`dict(pipe.components._asdict())`) or to
+        build a diffusers `StableDiffusionPipeline`."""
         return Components(self.unet, self.vae, self.text_encoder, self.tokenizer,
                           self.scheduler)
 
@@ -179,13 +199,47 @@ class MagicFacePipeline:
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_components(self.components, directory)
 
-    def to(self, device: str | torch.device | None = None,
-           dtype: torch.dtype | None = None) -> MagicFacePipeline:
+    def to(self, *args: Any, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None
+           ) -> MagicFacePipeline:
+        """Move the models, as diffusers' `to`: `to("cuda")`, `to(torch.float16)`,
+        `to("cuda", torch.float16)`, or by keyword."""
+        dtype = dtype or torch_dtype
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif a is not None:
+                device = a
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if kw:
             for m in (self.unet, self.vae, self.text_encoder):
                 m.to(**kw)
+            self.clear_plans()
         return self
+
+    # -- diffusers' memory switches ----------------------------------------------------
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch of images one at a time (less memory for several images)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode in overlapping tiles (large images in little memory)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm options for `__call__`'s progress bar (`disable=True` silences it)."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, total: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
 
     @property
     def device(self) -> torch.device:
@@ -242,6 +296,7 @@ class MagicFacePipeline:
         *,
         latents: torch.Tensor | None = None,
         reference_noise: torch.Tensor | None = None,
+        on_step_end: StepEndCallback | None = None,
     ) -> MagicFaceResult:
         """Sample one image. `on_step(step, total)` runs after every step; an exception
         raised in it aborts the run (the UNet is left as it was) and propagates.
@@ -250,7 +305,8 @@ class MagicFacePipeline:
         (steps, N, C, h, w) the seeded reference-path noise (`reference_noise[i, j]`
         noises concept j's latent at step i), as diffusers' `latents=` does: with
         both, a run of another implementation can be reproduced. The K/V cache keys
-        explicit noise by its content.
+        explicit noise by its content. `on_step_end(i, timestep, latents)` runs after
+        each step and may return replacement latents.
         """
         # 1. Check and resolve the inputs (every preset-picked field filled in).
         config = config or GenerationConfig()
@@ -269,9 +325,10 @@ class MagicFacePipeline:
             # 4. The steps: the fast loop, or the plain reference loop.
             if config.fast_path and supports_fast_ddim(call.scheduler):
                 out = self.fast_sampler.sample(call, self.vae, self.model_name, on_step,
-                                               self.kv_cache, self.use_cuda_graphs)
+                                               self.kv_cache, self.use_cuda_graphs,
+                                               on_step_end)
             else:
-                out = sample_reference(self.unet, self.vae, call, on_step)
+                out = sample_reference(self.unet, self.vae, call, on_step, on_step_end)
         # 5. Decode.
         return MagicFaceResult(
             image=self.decode(out.latents), semantic_maps=out.semantic_maps,
@@ -280,12 +337,117 @@ class MagicFacePipeline:
             cache_hits=out.cache_hits, cache_misses=out.cache_misses, config=config)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> Image.Image:
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (k, C, h, w) -> images (k, 3, H, W) in [0, 1], float32."""
         x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
                             return_dict=False)[0]
-        x = (x / 2 + 0.5).clamp(0, 1)
-        arr = x.cpu().permute(0, 2, 3, 1).float().numpy()[0]
+        return (x / 2 + 0.5).clamp(0, 1).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        arr = self.decode_tensor(latents).cpu().permute(0, 2, 3, 1).numpy()[0]
         return Image.fromarray((arr * 255).round().astype(np.uint8))
+
+    # -- diffusers' calling convention ---------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        concepts: Sequence[Concept] = (),
+        *,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        reference_noise: torch.Tensor | None = None,
+        output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **config_fields: Any,
+    ) -> MagicFacePipelineOutput | tuple:
+        """Sample `num_images_per_prompt` images, diffusers-style.
+
+        Other `GenerationConfig` fields (`alpha`, `preset`, `seed`, `ca_scale`, ...) are
+        keywords too. `generator` (one, or one per image) draws each image's z_T the way
+        diffusers does, and its `initial_seed()` seeds that image's reference-path noise
+        (unless `reference_noise` is given); without a generator, image i uses seed
+        `seed + i`. `latents` (k, C, h, w) gives z_T outright. The images are sampled
+        one after another (the fast loop runs one target per UNet call).
+        `callback_on_step_end(pipe, step, timestep, callback_kwargs)` runs after each
+        step with the tensors named in `callback_on_step_end_tensor_inputs`
+        ("latents"); a returned "latents" replaces the loop's.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from .output import MagicFacePipelineOutput
+
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: unknown {sorted(unknown)}"
+                             " (this pipeline offers: latents)")
+        k = int(num_images_per_prompt)
+        if k < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {k}")
+        fields = {"steps": num_inference_steps, "guidance_scale": guidance_scale,
+                  "negative_prompt": negative_prompt, **config_fields}
+        if height is not None:
+            fields["height"] = height
+        if width is not None:
+            fields["width"] = width
+        known = {f.name for f in dataclasses.fields(GenerationConfig)}
+        bad = sorted(set(fields) - known)
+        if bad:
+            raise TypeError(f"__call__() got unexpected keyword arguments: {', '.join(bad)}")
+        base = GenerationConfig(**fields)
+        generators = generator if isinstance(generator, list) else [generator] * k
+        if len(generators) != k:
+            raise ValueError(f"{len(generators)} generators for {k} images")
+        if latents is not None and latents.shape[0] != k:
+            raise ValueError(f"latents has {latents.shape[0]} rows for {k} images")
+        shape = (1, self.unet.config.in_channels, base.height // self.vae_scale_factor,
+                 base.width // self.vae_scale_factor)
+        on_step_end = None
+        if callback_on_step_end is not None:
+            def on_step_end(i: int, t: torch.Tensor, lat: torch.Tensor):
+                out = callback_on_step_end(self, i, t, {"latents": lat}) or {}
+                return out.get("latents")
+        results, bar = [], self.progress_bar(base.steps * k)
+        try:
+            for i in range(k):
+                g, z = generators[i], None if latents is None else latents[i:i + 1]
+                config = base.replace(seed=base.seed + i)
+                if g is not None:
+                    config = base.replace(seed=g.initial_seed() % 2**63)
+                    if z is None:
+                        z = randn_tensor(shape, generator=g, device=self.device,
+                                         dtype=self.dtype)
+                results.append(self.generate(
+                    prompt, concepts, config, lambda *_: bar.update(1), latents=z,
+                    reference_noise=reference_noise, on_step_end=on_step_end))
+        finally:
+            bar.close()
+        final = torch.cat([r.latents for r in results])
+        if output_type == "latent":
+            images: Any = final
+        else:
+            pixels = self.decode_tensor(final)
+            if output_type == "pt":
+                images = pixels
+            else:
+                arr = pixels.cpu().permute(0, 2, 3, 1).numpy()
+                images = arr if output_type == "np" else [
+                    Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+        maps = [r.semantic_maps for r in results]
+        if not return_dict:
+            return images, maps
+        return MagicFacePipelineOutput(images=images, semantic_maps=maps, results=results)
 
 
 def load_pipeline(model: str = "tiny", device: str | torch.device | None = None,

@@ -25,7 +25,7 @@ from ..kv_cache import KVEntry, ReferenceKVCache, reference_cache_key
 from .graphs import CompiledUNet, run_step
 from .plan import Plan, PlanKey
 from .prepare import PreparedCall, noisy_references
-from .steps import SampleOutput
+from .steps import SampleOutput, StepEndCallback
 
 __all__ = ["FastSampler"]
 
@@ -83,7 +83,7 @@ class FastSampler:
     @torch.no_grad()
     def sample(self, call: PreparedCall, vae, model_name: str,
                on_step: Callable[[int, int], None] | None, cache: ReferenceKVCache | None,
-               use_graphs: bool) -> SampleOutput:
+               use_graphs: bool, on_step_end: StepEndCallback | None = None) -> SampleOutput:
         device = call.latents.device
         use_graphs = use_graphs and device.type == "cuda"
         keys, entries = self._lookup(call, cache, model_name)
@@ -95,7 +95,8 @@ class FastSampler:
         plan.fill(call, embeds)
         noisy = noisy_references(vae, call, riding)
         store: dict[int, list] = {i: [] for i in riding} if cache is not None else {}
-        maps = self._loop(plan, call, noisy, entries, cached, store, on_step, use_graphs)
+        maps = self._loop(plan, call, noisy, entries, cached, store, on_step, use_graphs,
+                          on_step_end)
         for j, steps in store.items():
             cache.put(keys[j], KVEntry(steps))
         return SampleOutput(plan.buffers.latents.clone(), maps, len(cached),
@@ -151,7 +152,8 @@ class FastSampler:
         return plan
 
     def _loop(self, plan: Plan, call: PreparedCall, noisy, entries, cached, store,
-              on_step, use_graphs: bool) -> list[torch.Tensor]:
+              on_step, use_graphs: bool, on_step_end: StepEndCallback | None = None
+              ) -> list[torch.Tensor]:
         """The steps: each call's inputs copied into the buffers, then the step run
         (eagerly or by graph replay). Returns the semantic maps (CPU) when kept."""
         b, steps, device = plan.buffers, call.config.steps, call.latents.device
@@ -184,6 +186,12 @@ class FastSampler:
                     for j in store:
                         store[j].append({name: (kv[j][0].clone(), kv[j][1].clone())
                                          for name, kv in captured.items()})
+                    if on_step_end is not None:
+                        # The latents live in a static buffer (graphs replay on it): an
+                        # edit is copied in, never rebound.
+                        edited = on_step_end(i, call.timesteps[i], b.latents)
+                        if edited is not None and edited is not b.latents:
+                            b.latents.copy_(edited)
                     if on_step is not None:
                         on_step(i + 1, steps)
             finally:

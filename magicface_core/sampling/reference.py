@@ -18,14 +18,15 @@ from ..attention import (
     installed_processors,
 )
 from .prepare import PreparedCall, noisy_references
-from .steps import SampleOutput, guided_noise, step_map
+from .steps import SampleOutput, StepEndCallback, guided_noise, step_map
 
 __all__ = ["sample_reference"]
 
 
 @torch.no_grad()
 def sample_reference(unet, vae, call: PreparedCall,
-                     on_step: Callable[[int, int], None] | None = None) -> SampleOutput:
+                     on_step: Callable[[int, int], None] | None = None,
+                     on_step_end: StepEndCallback | None = None) -> SampleOutput:
     config, n = call.config, call.n
     layout = BatchLayout.build(call.do_cfg, n, range(n), call.foreground)
     recorder = MapRecorder(call.latent_hw, call.map_hw, layout)
@@ -58,6 +59,10 @@ def sample_reference(unet, vae, call: PreparedCall,
             noise_pred = guided_noise(eps[: layout.target_rows], call, config.guidance_scale,
                                       hits, foreground)
             latents = scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]
+            if on_step_end is not None:
+                edited = on_step_end(i, t, latents)
+                if edited is not None:
+                    latents = edited.to(latents.dtype)
             if on_step is not None:
                 on_step(i + 1, len(call.timesteps))
         return latents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +12,12 @@ from ..guidance import cfg, region_adaptive_cfg
 from ..segmentation import semantic_regions
 from .prepare import PreparedCall
 
-__all__ = ["SampleOutput", "step_map", "guided_noise"]
+__all__ = ["SampleOutput", "StepEndCallback", "step_map", "guided_noise"]
+
+
+# After each step: (step index, timestep, the latents after the step) -> replacement
+# latents or None (diffusers' callback_on_step_end, without the pipeline argument).
+StepEndCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass
