@@ -14,9 +14,10 @@ from .config import Concept, GenerationConfig
 from .errors import MagicFaceInputError
 
 __all__ = ["Example", "find_examples", "read_example", "load_examples", "run_examples",
-           "RESULTS_FILE"]
+           "read_manifest", "RESULTS_FILE", "SUMMARY_FILE"]
 
 RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -33,8 +34,8 @@ class Example:
 
 
 def find_examples(inputs: Sequence[Path]) -> list[Path]:
-    """example.json files named by `inputs` (files, folders holding one, or folders of
-    such folders), in order, each once."""
+    """example.json files (and .jsonl manifests) named by `inputs` (files, folders
+    holding one, or folders of such folders), in order, each once."""
     found: list[Path] = []
     for p in inputs:
         if p.is_file():
@@ -56,9 +57,11 @@ def find_examples(inputs: Sequence[Path]) -> list[Path]:
     return out
 
 
-def read_example(path: Path) -> Example:
+def read_example(path: Path, data: dict | None = None, name: str | None = None) -> Example:
+    """An example.json (or one line of a manifest, `data`, its paths relative to the
+    manifest's folder)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text()) if data is None else data
         concepts = []
         for c in data["concepts"]:
             spec = {k: c[k] for k in ("word", "weight", "reference_prompt") if k in c}
@@ -69,13 +72,35 @@ def read_example(path: Path) -> Example:
         prompt = data["prompt"]
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise MagicFaceInputError(f"{path}: not an example.json ({e})") from None
-    name = path.parent.name if path.name == "example.json" else path.stem
+    if name is None:
+        name = path.parent.name if path.name == "example.json" else path.stem
     return Example(name, path, prompt, concepts, data)
+
+
+def read_manifest(path: Path) -> list[Example]:
+    """A .jsonl manifest: one example object per line (`name` optional)."""
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MagicFaceInputError(f"{path}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(data, dict):
+            raise MagicFaceInputError(f"{path}:{i}: not an example object")
+        try:
+            out.append(read_example(path, data, str(data.get("name") or f"{path.stem}-{i}")))
+        except MagicFaceInputError as e:
+            raise MagicFaceInputError(f"{path}:{i}: {e}") from None
+    return out
 
 
 def load_examples(inputs: Sequence[Path]) -> list[Example]:
     """Every example named by `inputs`, read and checked (before any model loads)."""
-    examples = [read_example(p) for p in find_examples(inputs)]
+    examples: list[Example] = []
+    for p in find_examples(inputs):
+        examples.extend(read_manifest(p) if p.suffix == ".jsonl" else [read_example(p)])
     names = [e.name for e in examples]
     if len(set(names)) != len(names):
         raise MagicFaceInputError(f"two examples share a name: {names}")
@@ -85,6 +110,7 @@ def load_examples(inputs: Sequence[Path]) -> list[Example]:
 def _result_line(ex: Example, config: GenerationConfig, seconds: float, out: Path) -> dict:
     def rel(p: str) -> str:
         return os.path.relpath(ex.path.parent / p, out)
+
 
     return {
         "name": ex.name, "image": f"{ex.name}.png", "prompt": ex.prompt,
@@ -100,19 +126,34 @@ def _result_line(ex: Example, config: GenerationConfig, seconds: float, out: Pat
 def run_examples(generate: Callable[[Example, GenerationConfig], object],
                  examples: Sequence[Example],
                  config_of: Callable[[Example], GenerationConfig], out: Path,
-                 log: Callable[[str], None] = print) -> Path:
+                 log: Callable[[str], None] = print, model: str | None = None) -> Path:
     """`generate(example, config)` (a result with `.image`) for each example; writes
-    `<name>.png` and RESULTS_FILE (one JSON line per image, paths relative to `out`)."""
+    `<name>.png`, RESULTS_FILE (one JSON line per image, paths relative to `out`) and
+    SUMMARY_FILE (counts and timings). An example that fails is logged and counted; the
+    others go on."""
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines, failures = [], []
+    total = time.perf_counter()
     for i, ex in enumerate(examples, 1):
         log(f"[{i}/{len(examples)}] {ex.name}: {ex.prompt}")
         config = config_of(ex)
         started = time.perf_counter()
-        res = generate(ex, config)
+        try:
+            res = generate(ex, config)
+        except MagicFaceInputError as e:
+            log(f"  {ex.name} failed: {e}")
+            failures.append({"name": ex.name, "error": str(e)})
+            continue
         seconds = time.perf_counter() - started
         res.image.save(out / f"{ex.name}.png")
         lines.append(_result_line(ex, config, seconds, out))
     path = out / RESULTS_FILE
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    seconds = [x["seconds"] for x in lines]
+    summary = {"count": len(examples), "succeeded": len(lines), "failed": len(failures),
+               "failures": failures, "model": model,
+               "presets": sorted({x["preset"] for x in lines}),
+               "total_seconds": round(time.perf_counter() - total, 3),
+               "seconds_per_image": round(sum(seconds) / len(seconds), 3) if seconds else None}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return path

@@ -42,7 +42,7 @@ def test_cli_generates_image_and_maps(tmp_path, capsys):
                "--out", str(out), "--save-maps", str(maps), "--seed", "4"])
     assert rc == 0
     assert Image.open(out).size == (128, 128)
-    assert Image.open(maps).size == (128, 128)
+    assert Image.open(maps).size == (128, 128 + 2 * 16 + 4)  # the legend strip below
     err = capsys.readouterr().err
     assert "random weights" in err and "sampling" in err
 
