@@ -5,18 +5,22 @@
 # Dependencies are installed before the source is copied, so an edit to the code
 # rebuilds only the last layers (never torch).
 
+# ---- the project's files, once (both images copy them from here) ----------------------
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY magicface_core /src/magicface_core
+COPY magicface_client /src/magicface_client
+COPY server_namespace /src/server_namespace
+COPY service /src/service
+COPY worker /src/worker
+
 # ---- gateway ------------------------------------------------------------------------
 FROM python:3.11.10-slim-bookworm AS gateway
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY deploy/requirements-gateway.txt ./deploy/
 RUN pip install -r deploy/requirements-gateway.txt
-COPY pyproject.toml README.md ./
-COPY magicface_core ./magicface_core
-COPY magicface_client ./magicface_client
-COPY server_namespace ./server_namespace
-COPY service ./service
-COPY worker ./worker
+COPY --from=source /src ./
 # --no-deps: the library's torch/diffusers stay out; the gateway imports only its
 # torch-free modules (a test installs this set in a fresh venv and checks).
 RUN pip install --no-deps . \
@@ -39,12 +43,7 @@ RUN apt-get update \
 # torch first, on its own layer: gigabytes that no source edit should invalidate.
 RUN pip install "torch==2.14.1" "torchvision==0.29.1"
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY magicface_core ./magicface_core
-COPY magicface_client ./magicface_client
-COPY server_namespace ./server_namespace
-COPY service ./service
-COPY worker ./worker
+COPY --from=source /src ./
 RUN pip install ".[service,sam]"
 # The model cache (HF_HOME) and the compile cache live on volumes owned by the app user:
 # a volume mounted on a path the image created inherits its owner.

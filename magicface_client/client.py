@@ -61,6 +61,16 @@ def _submission(prompt: str, concepts: Sequence[Concept], *, params: dict | None
     return {"data": data, "files": files, "headers": headers}
 
 
+def _page(status: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
+    """The query of one page of GET /v1/jobs."""
+    q: dict[str, Any] = {"limit": limit}
+    if status:
+        q["status"] = status
+    if cursor:
+        q["cursor"] = cursor
+    return q
+
+
 def _raise_for(r: httpx.Response) -> None:
     if r.status_code < 400:
         return
@@ -127,12 +137,7 @@ class Client:
         """Your jobs, newest first, every page."""
         cursor = None
         while True:
-            q: dict[str, Any] = {"limit": limit}
-            if status:
-                q["status"] = status
-            if cursor:
-                q["cursor"] = cursor
-            page = self._call("GET", "/v1/jobs", params=q).json()
+            page = self._call("GET", "/v1/jobs", params=_page(status, limit, cursor)).json()
             yield from (Job.from_view(v) for v in page["jobs"])
             cursor = page.get("next_cursor")
             if not cursor:
@@ -259,12 +264,8 @@ class AsyncClient:
     async def list(self, status: str | None = None, limit: int = 20) -> AsyncIterator[Job]:
         cursor = None
         while True:
-            q: dict[str, Any] = {"limit": limit}
-            if status:
-                q["status"] = status
-            if cursor:
-                q["cursor"] = cursor
-            page = (await self._call("GET", "/v1/jobs", params=q)).json()
+            page = (await self._call("GET", "/v1/jobs",
+                                     params=_page(status, limit, cursor))).json()
             for v in page["jobs"]:
                 yield Job.from_view(v)
             cursor = page.get("next_cursor")
