@@ -218,6 +218,38 @@ class MagicFacePipeline:
         return self
 
     # -- diffusers' memory switches ----------------------------------------------------
+    def enable_model_cpu_offload(self, gpu_id: int | None = None,
+                                 device: str | torch.device = "cuda") -> None:
+        """Keep each model on the CPU until it runs (diffusers' model offload, through
+        accelerate's hooks): text encoder, then UNet, then VAE on `device`, one at a
+        time, and all back on the CPU after each call. Saves GPU memory at some speed;
+        CUDA graphs are off while it is on (the weights move between calls)."""
+        from accelerate import cpu_offload_with_hook
+
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("enable_model_cpu_offload needs a CUDA device (none is "
+                                   "available); pass device='cpu' to test the hooks alone")
+            if gpu_id is not None:
+                device = torch.device("cuda", gpu_id)
+        self.to("cpu")
+        hook = None
+        hooks = []
+        for model in (self.text_encoder, self.unet, self.vae):
+            _, hook = cpu_offload_with_hook(model, device, prev_module_hook=hook)
+            hooks.append(hook)
+        self._offload = (device, hooks)
+        self.use_cuda_graphs = False
+        self.clear_plans()
+
+    def _offload_models(self) -> None:
+        """After a call under model offload: every model back on the CPU."""
+        offload = getattr(self, "_offload", None)
+        if offload:
+            for hook in offload[1]:
+                hook.offload()
+
     def enable_vae_slicing(self) -> None:
         """Decode a batch of images one at a time (less memory for several images)."""
         self.vae.enable_slicing()
@@ -243,7 +275,10 @@ class MagicFacePipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where a call runs: the UNet's device, or the execution device under
+        `enable_model_cpu_offload` (the models then wait on the CPU between uses)."""
+        offload = getattr(self, "_offload", None)
+        return offload[0] if offload else self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -330,8 +365,10 @@ class MagicFacePipeline:
             else:
                 out = sample_reference(self.unet, self.vae, call, on_step, on_step_end)
         # 5. Decode.
+        image = self.decode(out.latents)
+        self._offload_models()
         return MagicFaceResult(
-            image=self.decode(out.latents), semantic_maps=out.semantic_maps,
+            image=image, semantic_maps=out.semantic_maps,
             latents=out.latents, concept_tokens=concept_tokens,
             rsa_steps=call.rsa_steps if refs else 0, masks=[r.mask for r in refs],
             cache_hits=out.cache_hits, cache_misses=out.cache_misses, config=config)

@@ -151,3 +151,19 @@ def test_from_pretrained_takes_diffusers_options(quiet, tmp_path):
     loaded.disable_vae_slicing()
     loaded.disable_vae_tiling()
     assert not loaded.vae.use_slicing and not loaded.vae.use_tiling
+
+
+def test_model_cpu_offload_hooks_leave_the_image_unchanged(tmp_path):
+    """The offload's wiring, on the CPU (the GPU memory saving itself needs a GPU)."""
+    pipe = MagicFacePipeline.tiny(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, concepts = example_concepts("trio", 1)
+    before = pipe(prompt, concepts, output_type="latent", **SMALL).images
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            pipe.enable_model_cpu_offload()
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert all(hasattr(m, "_hf_hook") for m in (pipe.text_encoder, pipe.unet, pipe.vae))
+    assert pipe.device == torch.device("cpu") and not pipe.use_cuda_graphs
+    after = pipe(prompt, concepts, output_type="latent", **SMALL).images
+    torch.testing.assert_close(before, after)
