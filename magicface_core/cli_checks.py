@@ -201,11 +201,10 @@ def check_concepts(prompt: str, concepts: Sequence[dict], label: Callable[[int, 
                    sam_checkpoint: str | None = None) -> None:
     """Every concept (a dict of Concept's fields, `image`/`mask` as file paths) against
     the prompt, the limits and its files. `label(i, field)` names concept i's field in
-    the messages (field "" for the concept as a whole)."""
+    the messages (field "" for the concept as a whole; i = -1 for the list)."""
     most = int(LIMITS["concepts"].high)
     if len(concepts) > most:
-        raise _fail(f"{label(most, '')}: too many concepts: at most {most}, "
-                    f"got {len(concepts)}")
+        raise _fail(f"{label(-1, '')}: too many concepts: at most {most}, got {len(concepts)}")
     seen: set[str] = set()
     for i, c in enumerate(concepts):
         word = c.get("word")

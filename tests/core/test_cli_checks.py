@@ -1,151 +1,148 @@
-"""The command line checks every input before any model is built or loaded (exit 2,
-the problem named), keeps one vocabulary with the library, shows its defaults, runs
-many examples with one model load, and writes semantic maps with a legend."""
+"""The command line's pre-load checks (magicface_core.cli_checks) as functions: the
+concept specs, the gateway's word rule, images and masks as the library sees them, the
+output paths, and where a model will come from. No model is involved."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-import magicface_core
-import magicface_core.pipeline as pipeline_module
-from magicface_core.cli import main, parse_concept
-from magicface_core.overlay import concept_color
+from magicface_core import MagicFaceInputError
+from magicface_core import cli_checks as checks
+from magicface_core.cli_checks import (
+    ModelUnavailable,
+    check_concepts,
+    check_image_output,
+    check_writable_folder,
+    locate_model,
+    parse_concept,
+    word_in_prompt,
+)
 
-from ..helpers.examples import EXAMPLES
+from ..helpers.images import mask_image, noise_image
 
-TRIO = EXAMPLES / "trio"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any model load is an error: the checks must come first."""
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the inputs were checked")
-
-    monkeypatch.setattr(pipeline_module, "load_pipeline", refuse)
-    monkeypatch.setattr(pipeline_module.MagicFacePipeline, "tiny", refuse)
+EXIF_ORIENTATION = 0x0112
 
 
-def gen(*extra: str, out: str | None = None, tmp: Path) -> list[str]:
-    return ["generate", "--tiny", "--prompt", "a man with a hat", "--steps", "2",
-            "--out", out or str(tmp / "o.png"),
-            "--concept", f"man={TRIO / 'man.jpg'},mask={TRIO / 'man_mask.jpg'}", *extra]
+def label(i: int, field: str) -> str:
+    return f"concepts[{i}]" + (f".{field}" if field else "")
 
 
-@pytest.mark.parametrize("extra,out,message", [
-    (["--concept", "hat=/nonexistent/hat.jpg"], None, "no such file: /nonexistent/hat.jpg"),
-    (["--concept", f"hat={TRIO / 'example.json'}"], None, "is not a decodable image"),
-    (["--concept", f"hat={TRIO / 'hat.jpg'},mask={TRIO / 'man_mask.jpg'}"], None,
-     "--concept hat mask:"),
-    (["--concept", f"scarf={TRIO / 'hat.jpg'}"], None, "'scarf' does not occur in the prompt"),
-    (["--concept", f"man={TRIO / 'hat.jpg'}"], None, "used by more than one concept"),
-    (["--concept", f"hat={TRIO / 'hat.jpg'},masks={TRIO / 'hat_mask.jpg'}"], None,
-     "unknown key 'masks'"),
-    (["--concept", f"hat={TRIO / 'hat.jpg'},weight=25"], None, "weight must be in (0, 20]"),
-    (["--steps", "0"], None, "--steps: steps must be in [1, 200]"),
-    (["--width", "100"], None, "--width: width must be a multiple of 8"),
-    (["--alpha", "1.5"], None, "--alpha: alpha must be in [0, 1]"),
-    ([], "x.xyz", "--out: x.xyz must end in one of .png, .jpg, .jpeg, .webp"),
-    ([], "/proc/nope/x.png", "--out: cannot write into /proc/nope"),
-    (["--save-maps", "maps.jpg"], None, "--save-maps: maps.jpg must end in one of .png"),
-])
-def test_bad_input_fails_before_any_model(no_model, tmp_path, capsys, extra, out, message):
-    assert main(gen(*extra, out=out, tmp=tmp_path)) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    assert not (tmp_path / "o.png").exists()
-
-
-def test_hub_model_offline_fails_at_once_with_a_hint(no_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    args = gen(tmp=tmp_path)
-    args.remove("--tiny")
-    assert main([*args, "--model", "someone/not-cached-model"]) == 2
-    err = capsys.readouterr().err
-    assert "--tiny" in err and "local/diffusers/folder" in err and "not-cached" in err
-    assert main([*args, "--model", "./no/such/folder"]) == 2
-    assert "no such folder" in capsys.readouterr().err
-
-
-def test_concept_keys_and_the_reference_prompt_alias():
+def test_parse_concept_keys_aliases_and_text():
     assert parse_concept("hat=h.png,reference_prompt=a hat, red") == {
         "word": "hat", "image": "h.png", "reference_prompt": "a hat, red"}
     assert parse_concept("hat=h.png,ref=a hat")["reference_prompt"] == "a hat"
-    with pytest.raises(ValueError, match="unknown key 'wieght'"):
+    # Quoted text keeps a key=value inside it; a quoted path keeps its comma.
+    assert parse_concept('hat="h,1.png",ref="style=anime, red"') == {
+        "word": "hat", "image": "h,1.png", "reference_prompt": "style=anime, red"}
+    with pytest.raises(ValueError, match=r"unknown key 'wieght' \(valid keys: mask, weight, "
+                                         r"reference_prompt, box, ref"):
         parse_concept("hat=h.png,wieght=2")
+    # An unknown key after free text is still an error, not more text.
+    with pytest.raises(ValueError, match="unknown key 'masks'"):
+        parse_concept("hat=h.png,ref=a hat,masks=m.png")
+    with pytest.raises(ValueError, match="reference_prompt is given twice"):
+        parse_concept("hat=h.png,ref=a,reference_prompt=b")
 
 
-def test_version_and_help_show_defaults():
-    out = subprocess.run([sys.executable, "-m", "magicface_core.cli", "--version"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == f"magicface {magicface_core.__version__}"
-    help_text = subprocess.run([sys.executable, "-m", "magicface_core.cli", "generate",
-                                "--help"], capture_output=True, text=True, cwd=ROOT).stdout
-    for option in ("--steps", "--guidance-scale", "--alpha", "--preset", "--model",
-                   "--seed", "--quiet", "--save-maps-every"):
-        assert option in help_text
-    assert "(default: 50)" in help_text and "(default: 7.5)" in help_text
-    assert "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)" in help_text
-    assert "example:" in help_text and "reference_prompt=" in help_text
+@pytest.mark.parametrize("word,prompt", [
+    ("man", "a man with a hat"), ("man", "a woman with a hat"), ("Hat", "a man with a HAT"),
+    ("red hat", "a man in a red   hat"), ("red hat", "a man in a redhat"),
+    ("man", "a man's hat"), ("c++", "a c++ coder"), ("hat", "hats"),
+])
+def test_word_rule_is_the_gateways(word, prompt):
+    from service.validation import word_in_prompt as gateway_rule
+
+    assert word_in_prompt(word, prompt) == gateway_rule(word, prompt)
 
 
-def test_maps_with_a_legend_the_labels_and_every_step(tmp_path):
-    maps = tmp_path / "maps.png"
-    rc = main(gen("--concept", f"hat={TRIO / 'hat.jpg'},mask={TRIO / 'hat_mask.jpg'}",
-                  "--save-maps", str(maps), "--save-maps-every", "1", "--quiet",
-                  tmp=tmp_path))
-    assert rc == 0
-    overlay = np.asarray(Image.open(maps).convert("RGB"))
-    assert overlay.shape == (128 + 2 * 16 + 4, 128, 3)
-    legend = overlay[128:].reshape(-1, 3)
-    for i in range(2):  # each concept's swatch is in the legend
-        assert (legend == np.array(concept_color(i))).all(axis=1).any()
-    labels = Image.open(tmp_path / "maps_labels.png")
-    assert labels.mode == "L" and set(np.unique(np.asarray(labels))) <= {0, 1, 2}
-    assert sorted(p.name for p in tmp_path.glob("maps_step*.png")) == [
-        "maps_step001.png", "maps_step002.png"]
+def test_mask_size_is_compared_after_exif_orientation(tmp_path):
+    noise_image(1, (40, 30)).save(tmp_path / "img.png")
+    # The mask stored 30x40 but tagged "rotate 90": displayed 40x30, like its image.
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    mask_image((30, 40)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    mask_image((30, 40)).save(tmp_path / "plain.jpg")
+    ok = {"word": "man", "image": str(tmp_path / "img.png"), "mask": str(tmp_path / "turned.jpg")}
+    check_concepts("a man", [ok], label)
+    with pytest.raises(MagicFaceInputError, match=r"concepts\[0\]\.mask: the mask is 30x40 "
+                                                  r"but its image is 40x30"):
+        check_concepts("a man", [{**ok, "mask": str(tmp_path / "plain.jpg")}], label)
 
 
-def test_run_loads_the_model_once_for_many_examples(tmp_path, monkeypatch):
-    loads = []
-    real = pipeline_module.load_pipeline
-
-    def counting(*a, **k):
-        loads.append(a)
-        return real(*a, **k)
-
-    monkeypatch.setattr(pipeline_module, "load_pipeline", counting)
-    manifest = tmp_path / "more.jsonl"
-    data = json.loads((TRIO / "example.json").read_text())
-    for c in data["concepts"]:
-        for key in ("image", "mask"):
-            c[key] = str(TRIO / c[key])
-    manifest.write_text(json.dumps({**data, "name": "from-manifest"}) + "\n")
-    out = tmp_path / "results"
-    rc = main(["run", str(EXAMPLES / "synthetic"), str(TRIO / "example.json"), str(manifest),
-               "--out", str(out), "--tiny", "--steps", "2", "--width", "64", "--height", "64",
-               "--quiet"])
-    assert rc == 0 and len(loads) == 1
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 3 and summary["succeeded"] == 3 and summary["failed"] == 0
-    assert summary["model"] == "tiny" and summary["seconds_per_image"] > 0
-    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert [x["name"] for x in lines] == ["synthetic", "trio", "from-manifest"]
-    assert all((out / x["image"]).is_file() for x in lines)
+def test_concepts_without_a_mask_need_sam_and_a_box_inside(tmp_path):
+    noise_image(1, (40, 30)).save(tmp_path / "img.png")
+    spec = {"word": "man", "image": str(tmp_path / "img.png")}
+    with pytest.raises(MagicFaceInputError, match="no mask, and no --sam-checkpoint"):
+        check_concepts("a man", [spec], label)
+    check_concepts("a man", [spec], label, sam_checkpoint="sam.pth")
+    with pytest.raises(MagicFaceInputError, match=r"concepts\[0\]\.box: .* lies outside the "
+                                                  r"40x30 image"):
+        check_concepts("a man", [{**spec, "box": (0, 0, 50, 10)}], label, "sam.pth")
 
 
-def test_run_checks_every_example_before_loading(no_model, tmp_path, capsys):
-    bad = tmp_path / "bad.jsonl"
-    data = json.loads((TRIO / "example.json").read_text())
-    data["concepts"] = [{**data["concepts"][0], "image": "missing.jpg"}]
-    bad.write_text(json.dumps(data) + "\n")
-    assert main(["run", str(TRIO), str(bad), "--out", str(tmp_path / "r"), "--tiny"]) == 2
-    assert "no such file" in capsys.readouterr().err
+def test_output_paths(tmp_path):
+    check_image_output(tmp_path / "a.webp", "--out")
+    with pytest.raises(MagicFaceInputError, match=r"--out: .*a\.gif must end in one of"):
+        check_image_output(tmp_path / "a.gif", "--out")
+    with pytest.raises(MagicFaceInputError, match="--out: the folder .*nope does not exist"):
+        check_image_output(tmp_path / "nope" / "a.png", "--out")
+    with pytest.raises(MagicFaceInputError, match="--out: cannot write into /proc"):
+        check_image_output(Path("/proc/a.png"), "--out")
+    assert not list(tmp_path.iterdir())  # the write probe leaves nothing behind
+    check_writable_folder(tmp_path / "results" / "deeper", "--out")  # made on use
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MagicFaceInputError, match="exists and is not a folder"):
+        check_writable_folder(tmp_path / "file", "--out")
+
+
+def fake_hub_cache(root: Path, repo_id: str) -> Path:
+    """The Hugging Face cache layout with the five components' configs of `repo_id`."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    for name in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_text(json.dumps({}))
+    return snapshot
+
+
+def test_locate_model(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert locate_model("anything", tiny=True).path == "tiny"
+    with pytest.raises(MagicFaceInputError, match="no such folder"):
+        locate_model("./no/such/folder")
+    with pytest.raises(MagicFaceInputError, match=r"not a diffusers .* \(no unet, vae"):
+        locate_model(str(tmp_path))
+    # In the cache: its snapshot folder, even offline (no network needed).
+    snapshot = fake_hub_cache(tmp_path / "hub", "someone/cached")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = locate_model("someone/cached")
+    assert (Path(src.path), src.name, src.download) == (snapshot, "someone/cached", False)
+    with pytest.raises(ModelUnavailable, match="HF_HUB_OFFLINE is set; use --tiny"):
+        locate_model("someone/not-cached")
+    # Online but the hub does not answer: the hint at once, not 30 s of retries.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(checks, "hub_reachable", lambda *a, **k: False)
+    with pytest.raises(ModelUnavailable, match="cannot be reached; use --tiny .* --model "
+                                               "/path/to/local/diffusers/folder"):
+        locate_model("someone/not-cached")
+    monkeypatch.setattr(checks, "hub_reachable", lambda *a, **k: True)
+    assert locate_model("someone/not-cached").download
+
+
+def test_hub_probe_trusts_a_proxy_and_reads_hf_endpoint(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert checks.hub_reachable(timeout=0.1)
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert not checks.hub_reachable(timeout=0.5)
