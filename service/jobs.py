@@ -117,8 +117,13 @@ def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s:
         redis.hset(WEBHOOK_KEY.format(job_id), mapping={
             "url": webhook.url, "events": "," + ",".join(e.value for e in webhook.events) + ","})
         redis.expire(WEBHOOK_KEY.format(job_id), ttl)
-    job = queue.enqueue(JOB_FUNC, job_id, job_id=job_id, job_timeout=timeout_s,
-                        result_ttl=result_ttl_s, failure_ttl=result_ttl_s, meta=meta)
+    job = queue.create_job(JOB_FUNC, args=(job_id,), job_id=job_id, timeout=timeout_s,
+                           result_ttl=result_ttl_s, failure_ttl=result_ttl_s, meta=meta)
+    # `queued` goes into the log before a worker can see the job, so its `started`
+    # always comes after it.
+    events.publish(redis, job_id, EventType.QUEUED,
+                   describe(job, queue, refresh=False).model_dump(mode="json"), ttl)
+    job = queue.enqueue_job(job)
     pipe = redis.pipeline()
     pipe.zadd(OWNER_JOBS_KEY.format(owner), {job_id: time.time()})
     due = [d for d in (deadline, queue_deadline) if d is not None]
@@ -126,8 +131,6 @@ def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s:
         pipe.zadd(DEADLINES_KEY, {job_id: min(due)})
     pipe.hincrbyfloat(metrics.METRICS_KEY, "jobs_submitted", 1)
     pipe.execute()
-    events.publish(redis, job_id, EventType.QUEUED, describe(job, queue).model_dump(mode="json"),
-                   ttl)
     return job
 
 
