@@ -36,7 +36,10 @@ def load_safety_checker(settings: Settings, device, log):
         return None
     from magicface_core.safety import SafetyChecker, find_safety_checker
 
-    source = find_safety_checker(settings.model_to_load(), settings.safety_checker_model)
+    # The checkpoint's own checker, if it has one (check_startup has already made sure
+    # a model is named or demo mode is on; "tiny" has none).
+    source = find_safety_checker(settings.magicface_model or "tiny",
+                                 settings.safety_checker_model)
     if source is None:
         log.warning("SAFETY_CHECKER=%s but no checker weights were found (set "
                     "SAFETY_CHECKER_MODEL): images are not checked", settings.safety_checker)
