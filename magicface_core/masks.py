@@ -20,15 +20,28 @@ MAX_IMAGE_PIXELS = 64_000_000
 
 def _from_array(source: Any, what: str) -> Image.Image:
     """A numpy array or torch tensor as an image: (H, W) grey, (H, W, 3|4) or
-    (3|4, H, W) colour; uint8 as is, floats in [0, 1]."""
-    arr = source.detach().cpu().numpy() if hasattr(source, "detach") else np.asarray(source)
+    (3|4, H, W) colour, optionally with a leading batch of one (diffusers' image
+    tensors are (1, 3, H, W)); uint8 or bool as is, floats in [0, 1]."""
+    if hasattr(source, "detach"):
+        t = source.detach().cpu()
+        # numpy has no bfloat16; every float is rescaled to uint8 below anyway.
+        arr = (t.float() if t.is_floating_point() else t).numpy()
+    else:
+        arr = np.asarray(source)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = arr.transpose(1, 2, 0)  # channels first (a torch image)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
         raise MagicFaceInputError(f"{what}: an array must be (H, W), (H, W, 3|4) or "
-                                  f"(3|4, H, W), got shape {tuple(arr.shape)}")
+                                  f"(3|4, H, W), got shape {tuple(source.shape)}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise MagicFaceInputError(f"{what}: empty image")
+    if arr.shape[0] * arr.shape[1] > MAX_IMAGE_PIXELS:  # the same limit as a file's
+        raise MagicFaceInputError(f"{what}: {arr.shape[1]}x{arr.shape[0]} exceeds the "
+                                  f"{MAX_IMAGE_PIXELS} pixel limit")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif np.issubdtype(arr.dtype, np.floating):
@@ -38,8 +51,6 @@ def _from_array(source: Any, what: str) -> Image.Image:
     elif arr.dtype != np.uint8:
         raise MagicFaceInputError(f"{what}: an array must be uint8, bool or float in "
                                   f"[0, 1], got {arr.dtype}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise MagicFaceInputError(f"{what}: empty image")
     return Image.fromarray(np.ascontiguousarray(arr))
 
 

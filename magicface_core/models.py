@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["Components", "load_components", "tiny_components", "write_tiny_tokenizer",
-           "TINY_WORDS", "save_components", "sharpen_attention"]
+__all__ = ["Components", "COMPONENT_NAMES", "load_components", "tiny_components",
+           "write_tiny_tokenizer", "TINY_WORDS", "save_components", "sharpen_attention"]
 
 # Whole-word tokens in the tiny tokenizer; every other word falls back to one token
 # per character, so the tests see both single- and multi-token concept words.
@@ -19,13 +21,30 @@ TINY_QUERY_GAIN = 4.0
 TINY_WORDS = ("a", "man", "woman", "girl", "hat", "with", "wearing", "vase", "photo", "of")
 
 
-@dataclass
-class Components:
+@dataclass(eq=False)
+class Components(Mapping):
+    """The five modules of an SD1.x/2.x pipeline, by attribute (`c.unet`) or by name as
+    diffusers' `pipe.components` dict (`c["unet"]`, `dict(c)`, `**c`)."""
+
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in COMPONENT_NAMES:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(COMPONENT_NAMES)
+
+    def __len__(self) -> int:
+        return len(COMPONENT_NAMES)
+
+
+COMPONENT_NAMES = tuple(f.name for f in fields(Components))
 
 
 def _byte_alphabet() -> list[str]:
@@ -142,6 +161,15 @@ def _is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir()
 
 
+# Options of the hub download itself, which every loader takes (the tokenizer's and the
+# scheduler's too); the other keywords are the models' own.
+HUB_OPTIONS = ("cache_dir", "token", "force_download", "proxies")
+
+# Components of a StableDiffusionPipeline this pipeline does not have: diffusers users
+# pass `safety_checker=None` out of habit, so None is accepted and means what it says.
+ABSENT_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
 def load_components(
     model: str,
     *,
@@ -151,44 +179,68 @@ def load_components(
     variant: str | None = None,
     revision: str | None = None,
     use_safetensors: bool | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> Components:
     """Load an SD1.x / SD2.x diffusers checkpoint (a local folder or a hub id).
 
-    Any scheduler config in the checkpoint is converted to DDIM, the paper's sampler.
+    As diffusers' `DiffusionPipeline.from_pretrained`: a component passed by name
+    (`unet=`, `vae=`, `text_encoder=`, `tokenizer=`, `scheduler=`) is used instead of
+    loading it; `cache_dir`, `token`, `force_download` and `proxies` go to every loader,
+    other keywords to each model's `from_pretrained`. Any scheduler config is converted
+    to DDIM, the paper's sampler.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    given = {k: kwargs.pop(k) for k in COMPONENT_NAMES if k in kwargs}
+    for name in ABSENT_COMPONENTS:
+        if kwargs.pop(name, None) is not None:
+            raise TypeError(f"MagicFacePipeline has no {name} (pass {name}=None or leave it "
+                            "out; magicface_core.safety checks images after the call)")
+    kwargs.pop("requires_safety_checker", None)
     src = str(Path(model).expanduser()) if _is_local(model) else model
     if local_files_only is None:
         local_files_only = _is_local(model)
-    kw = {"local_files_only": local_files_only}
+    hub: dict[str, Any] = {"local_files_only": local_files_only}
     if revision is not None:
-        kw["revision"] = revision
+        hub["revision"] = revision
+    hub.update({k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs})
     # Weights' options (diffusers' names), passed to each model as diffusers would.
     weights = {k: v for k, v in (("variant", variant), ("use_safetensors", use_safetensors))
                if v is not None}
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype,
-                                                **kw, **weights, **kwargs)
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw,
-                                        **weights, **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype,
-                                                 **kw, **weights, **kwargs)
-    tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-    scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+
+    def load(name: str, loader: Callable[[], Any]) -> Any:
+        return given[name] if name in given else loader()
+
+    # diffusers' models take `torch_dtype`; transformers' (since v4.56) `dtype`, and log a
+    # deprecation warning for `torch_dtype`.
+    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(
+        src, subfolder="unet", torch_dtype=dtype, **hub, **weights, **kwargs))
+    vae = load("vae", lambda: AutoencoderKL.from_pretrained(
+        src, subfolder="vae", torch_dtype=dtype, **hub, **weights, **kwargs))
+    text_encoder = load("text_encoder", lambda: CLIPTextModel.from_pretrained(
+        src, subfolder="text_encoder", dtype=dtype, **hub, **weights, **kwargs))
+    tokenizer = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(
+        src, subfolder="tokenizer", **hub))
+    scheduler = load("scheduler", lambda: DDIMScheduler.from_pretrained(
+        src, subfolder="scheduler", **hub))
     for m in (unet, vae, text_encoder):
         m.to(device).eval()
     return Components(unet, vae, text_encoder, tokenizer, scheduler)
 
 
-def save_components(c: Components, directory: str | Path) -> Path:
-    """Write a diffusers StableDiffusionPipeline-compatible folder."""
+def save_components(c: Components, directory: str | Path, *,
+                    safe_serialization: bool = True, variant: str | None = None) -> Path:
+    """Write a diffusers StableDiffusionPipeline-compatible folder (`variant`, e.g.
+    "fp16", names the weight files as diffusers' `save_pretrained` does)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    c.unet.save_pretrained(directory / "unet")
-    c.vae.save_pretrained(directory / "vae")
-    c.text_encoder.save_pretrained(directory / "text_encoder")
+    c.unet.save_pretrained(directory / "unet", safe_serialization=safe_serialization,
+                           variant=variant)
+    c.vae.save_pretrained(directory / "vae", safe_serialization=safe_serialization,
+                          variant=variant)
+    # transformers (v5) always writes safetensors; it keeps the variant option.
+    c.text_encoder.save_pretrained(directory / "text_encoder", variant=variant)
     c.tokenizer.save_pretrained(directory / "tokenizer")
     c.scheduler.save_pretrained(directory / "scheduler")
     index = {

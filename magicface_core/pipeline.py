@@ -1,10 +1,10 @@
-"""MagicFacePipeline: loading, the fast-loop switches, and `generate` (validate,
-prepare the call, run a loop, decode)."""
+"""MagicFacePipeline: loading, the fast-loop switches, `generate` (validate, prepare
+the call, run a loop, decode) and the diffusers-style `__call__` built on it."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +31,15 @@ __all__ = ["MagicFacePipeline", "MagicFaceResult", "load_pipeline"]
 
 StepCallback = Callable[[int, int], None]
 
+log = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
 
 @dataclass
 class MagicFaceResult:
-    image: Image.Image
+    # None only in `__call__(output_type="latent")`'s results (nothing decoded).
+    image: Image.Image | None
     # One (h, w) long label map per step (0 = background, i = concept i), on the CPU.
     semantic_maps: list[torch.Tensor] = field(default_factory=list)
     latents: torch.Tensor | None = None  # the final latents, before VAE decoding
@@ -51,12 +56,27 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+@dataclass(frozen=True)
+class _Offload:
+    """enable_model_cpu_offload's state: where the models run, accelerate's hooks in
+    the offload order, and the CUDA-graph switch to restore when it is removed."""
+
+    device: torch.device
+    hooks: list
+    use_cuda_graphs: bool
+
+
 class MagicFacePipeline:
     """Training-free customization of SD1.x / SD2.x with one reference per concept.
 
     One `generate` at a time per pipeline (calls are serialised by a lock): the
     attention processors are installed for the duration of a call.
     """
+
+    # diffusers' class attributes: the model offload order, and the tensors a
+    # callback_on_step_end may ask for.
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ("latents",)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *,
                  model_name: str = "custom"):
@@ -77,6 +97,8 @@ class MagicFacePipeline:
         # Capture each step variant as a CUDA graph (CUDA only; fast path only).
         self.use_cuda_graphs = True
         self.fast_sampler = FastSampler(unet)
+        self._offload: _Offload | None = None  # see enable_model_cpu_offload
+        self._progress_bar_config: dict[str, Any] = {}
 
     # -- the fast loop's switches -----------------------------------------------------
     def enable_kv_cache(self, device_bytes: int = 4 << 30,
@@ -155,12 +177,15 @@ class MagicFacePipeline:
                         **kwargs: Any) -> MagicFacePipeline:
         """Load a diffusers SD1.x/SD2.x checkpoint: a local folder or a hub id, with
         diffusers' loading options (`torch_dtype`, `variant`, `revision`,
-        `use_safetensors`, `local_files_only`; other keywords go to each model's
-        `from_pretrained`). `dtype` is an alias of `torch_dtype`. Device: `device`
-        (default CPU, as diffusers; move with `.to("cuda")`); dtype: fp16 on CUDA,
-        fp32 elsewhere, unless given."""
+        `use_safetensors`, `local_files_only`, `cache_dir`, `token`; other keywords go
+        to each model's `from_pretrained`). A component given by name (`unet=`,
+        `scheduler=`, ...) is used instead of loading it, as in diffusers;
+        `safety_checker=None` is accepted (this pipeline has none). `dtype` is an alias
+        of `torch_dtype`. Device: `device` (default CPU, as diffusers; move with
+        `.to("cuda")`); dtype: fp16 on CUDA, fp32 elsewhere, unless given."""
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
-            raise TypeError("give torch_dtype or its alias dtype, not both")
+            raise TypeError("from_pretrained() got torch_dtype and its alias dtype with "
+                            f"different values ({torch_dtype}, {dtype}): give one, not both")
         device = torch.device(device or "cpu")
         dtype = torch_dtype or dtype or _default_dtype(device)
         comps = load_components(pretrained_model_name_or_path, device=device, dtype=dtype,
@@ -177,9 +202,10 @@ class MagicFacePipeline:
 
     @property
     def components(self) -> Components:
-        """The modules (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`): a
-        named tuple, also usable as a dict (`dict(pipe.components._asdict())`) or to
-        build a diffusers `StableDiffusionPipeline`."""
+        """The modules (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`), by
+        attribute or by name like diffusers' dict (`c["unet"]`, `dict(c)`, `**c`): e.g.
+        `StableDiffusionPipeline(**pipe.components, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)`."""
         return Components(self.unet, self.vae, self.text_encoder, self.tokenizer,
                           self.scheduler)
 
@@ -196,20 +222,39 @@ class MagicFacePipeline:
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return save_components(self.components, directory)
+    def save_pretrained(self, save_directory: str | Path, *, safe_serialization: bool = True,
+                        variant: str | None = None) -> Path:
+        """Write a diffusers folder (`model_index.json` and one subfolder per component)
+        that this class and `StableDiffusionPipeline.from_pretrained` both read."""
+        return save_components(self.components, save_directory,
+                               safe_serialization=safe_serialization, variant=variant)
 
     def to(self, *args: Any, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None
            ) -> MagicFacePipeline:
-        """Move the models, as diffusers' `to`: `to("cuda")`, `to(torch.float16)`,
-        `to("cuda", torch.float16)`, or by keyword."""
+        """Move and/or cast the models, as diffusers' `to`: `to("cuda")`,
+        `to(torch.float16)`, `to("cuda", torch.float16)`, or by keyword (`device=`,
+        `dtype=` or its diffusers spelling `torch_dtype=`). Returns the pipeline."""
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise TypeError("to() got dtype and torch_dtype with different values")
         dtype = dtype or torch_dtype
+        if len(args) > 2:
+            raise TypeError(f"to() takes at most a device and a dtype, got {len(args)} "
+                            "positional arguments")
         for a in args:
             if isinstance(a, torch.dtype):
                 dtype = a
-            elif a is not None:
+            elif isinstance(a, (str, torch.device)):
                 device = a
+            elif a is not None:
+                raise TypeError(f"to() takes a device or a dtype, got {type(a).__name__}")
+        if device is not None and self._offload is not None and \
+                torch.device(device).type != "cpu":
+            # As diffusers: allowed, but it keeps every model on the device, which is
+            # what the offload is there to avoid.
+            log.warning("model offload is on: moving the pipeline to %s keeps every model "
+                        "there; call remove_all_hooks() first, or leave the models on the "
+                        "CPU", device)
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if kw:
             for m in (self.unet, self.vae, self.text_encoder):
@@ -222,32 +267,52 @@ class MagicFacePipeline:
                                  device: str | torch.device = "cuda") -> None:
         """Keep each model on the CPU until it runs (diffusers' model offload, through
         accelerate's hooks): text encoder, then UNet, then VAE on `device`, one at a
-        time, and all back on the CPU after each call. Saves GPU memory at some speed;
-        CUDA graphs are off while it is on (the weights move between calls)."""
+        time (`model_cpu_offload_seq`), and all back on the CPU after each call. Saves
+        GPU memory at some speed; CUDA graphs are off while it is on (the weights move
+        between calls, so a captured graph would read freed memory). Calling it again
+        replaces the hooks; `remove_all_hooks()` undoes it."""
         from accelerate import cpu_offload_with_hook
 
         device = torch.device(device)
+        if gpu_id is not None and device.index is not None:
+            raise ValueError(f"give gpu_id ({gpu_id}) or a device index ({device}), not both")
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError("enable_model_cpu_offload needs a CUDA device (none is "
                                    "available); pass device='cpu' to test the hooks alone")
-            if gpu_id is not None:
-                device = torch.device("cuda", gpu_id)
+            device = torch.device("cuda", gpu_id if gpu_id is not None else device.index or 0)
+        graphs = self.use_cuda_graphs
+        if self._offload is not None:  # hooks on hooks would chain twice
+            graphs = self._offload.use_cuda_graphs
+            self.remove_all_hooks()
         self.to("cpu")
-        hook = None
-        hooks = []
-        for model in (self.text_encoder, self.unet, self.vae):
-            _, hook = cpu_offload_with_hook(model, device, prev_module_hook=hook)
+        models = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+        hook, hooks = None, []
+        for name in self.model_cpu_offload_seq.split("->"):
+            _, hook = cpu_offload_with_hook(models[name], device, prev_module_hook=hook)
             hooks.append(hook)
-        self._offload = (device, hooks)
+        self._offload = _Offload(device, hooks, graphs)
         self.use_cuda_graphs = False
         self.clear_plans()
 
-    def _offload_models(self) -> None:
-        """After a call under model offload: every model back on the CPU."""
-        offload = getattr(self, "_offload", None)
-        if offload:
-            for hook in offload[1]:
+    def remove_all_hooks(self) -> None:
+        """Undo `enable_model_cpu_offload`: the hooks removed, the models left on the
+        CPU (move them with `to`), CUDA graphs as they were before."""
+        from accelerate.hooks import remove_hook_from_module
+
+        if self._offload is None:
+            return
+        for m in (self.text_encoder, self.unet, self.vae):
+            remove_hook_from_module(m, recurse=True)
+        self.use_cuda_graphs = self._offload.use_cuda_graphs
+        self._offload = None
+        self.to("cpu")
+
+    def maybe_free_model_hooks(self) -> None:
+        """Under model offload, every model back on the CPU (done after each call, as
+        diffusers' pipelines do); otherwise nothing."""
+        if self._offload is not None:
+            for hook in self._offload.hooks:
                 hook.offload()
 
     def enable_vae_slicing(self) -> None:
@@ -265,20 +330,27 @@ class MagicFacePipeline:
         self.vae.disable_tiling()
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
-        """tqdm options for `__call__`'s progress bar (`disable=True` silences it)."""
+        """tqdm options for `__call__`'s progress bar over the sampling steps
+        (`disable=True` silences it; `desc=`, `leave=`, `file=`, ...). `generate` has
+        no bar: it reports through `on_step`."""
         self._progress_bar_config = kwargs
 
-    def progress_bar(self, total: int):
+    def progress_bar(self, iterable: Any = None, total: int | None = None) -> Any:
+        """A tqdm bar with the options of `set_progress_bar_config`, as diffusers'."""
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
+        return tqdm(iterable, total=total, **self._progress_bar_config)
 
     @property
     def device(self) -> torch.device:
         """Where a call runs: the UNet's device, or the execution device under
         `enable_model_cpu_offload` (the models then wait on the CPU between uses)."""
-        offload = getattr(self, "_offload", None)
-        return offload[0] if offload else self.unet.device
+        return self._offload.device if self._offload is not None else self.unet.device
+
+    @property
+    def _execution_device(self) -> torch.device:
+        # diffusers' name for it, read by code written against diffusers pipelines.
+        return self.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -343,6 +415,20 @@ class MagicFacePipeline:
         explicit noise by its content. `on_step_end(i, timestep, latents)` runs after
         each step and may return replacement latents.
         """
+        try:
+            result = self._sample(prompt, concepts, config, on_step, latents=latents,
+                                  reference_noise=reference_noise, on_step_end=on_step_end)
+            result.image = self.decode(result.latents)
+        finally:
+            self.maybe_free_model_hooks()
+        return result
+
+    def _sample(self, prompt: str, concepts: Sequence[Concept],
+                config: GenerationConfig | None, on_step: StepCallback | None, *,
+                latents: torch.Tensor | None, reference_noise: torch.Tensor | None,
+                on_step_end: StepEndCallback | None) -> MagicFaceResult:
+        """`generate` up to the final latents (no VAE decode: `image` is None), so that
+        `__call__` decodes its images in one batch, or not at all."""
         # 1. Check and resolve the inputs (every preset-picked field filled in).
         config = config or GenerationConfig()
         check_call(prompt, concepts, config)
@@ -364,11 +450,8 @@ class MagicFacePipeline:
                                                on_step_end)
             else:
                 out = sample_reference(self.unet, self.vae, call, on_step, on_step_end)
-        # 5. Decode.
-        image = self.decode(out.latents)
-        self._offload_models()
         return MagicFaceResult(
-            image=image, semantic_maps=out.semantic_maps,
+            image=None, semantic_maps=out.semantic_maps,
             latents=out.latents, concept_tokens=concept_tokens,
             rsa_steps=call.rsa_steps if refs else 0, masks=[r.mask for r in refs],
             cache_hits=out.cache_hits, cache_misses=out.cache_misses, config=config)
@@ -382,8 +465,7 @@ class MagicFacePipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:
-        arr = self.decode_tensor(latents).cpu().permute(0, 2, 3, 1).numpy()[0]
-        return Image.fromarray((arr * 255).round().astype(np.uint8))
+        return _to_pil(self.decode_tensor(latents).cpu().permute(0, 2, 3, 1).numpy())[0]
 
     # -- diffusers' calling convention ---------------------------------------------------
     @torch.no_grad()
@@ -397,94 +479,176 @@ class MagicFacePipeline:
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
+        alpha: float = 0.4,
+        preset: str = "authors",
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         reference_noise: torch.Tensor | None = None,
         output_type: str = "pil",
         num_images_per_prompt: int = 1,
         return_dict: bool = True,
-        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any] | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         **config_fields: Any,
-    ) -> MagicFacePipelineOutput | tuple:
-        """Sample `num_images_per_prompt` images, diffusers-style.
+    ) -> MagicFacePipelineOutput | tuple[Any, list[list[torch.Tensor]]]:
+        """Sample `num_images_per_prompt` images of `prompt` with `concepts`,
+        diffusers-style.
 
-        Other `GenerationConfig` fields (`alpha`, `preset`, `seed`, `ca_scale`, ...) are
-        keywords too. `generator` (one, or one per image) draws each image's z_T the way
-        diffusers does, and its `initial_seed()` seeds that image's reference-path noise
-        (unless `reference_noise` is given); without a generator, image i uses seed
-        `seed + i`. `latents` (k, C, h, w) gives z_T outright. The images are sampled
-        one after another (the fast loop runs one target per UNet call).
+        The keywords build a `GenerationConfig` (`num_inference_steps` is its `steps`);
+        its other fields (`seed`, `ca_scale`, `fast_path`, ...) are keywords too, and an
+        unknown keyword is a TypeError. `height` and `width` default to the model's
+        native size (UNet sample size x VAE scale factor), as in diffusers. `preset`
+        defaults to "authors" (the authors' code); "paper" with no concepts is exactly
+        `StableDiffusionPipeline`.
+
+        Noise: `generator` (one, or a list with one per image) draws z_T as diffusers
+        draws it (`randn_tensor((k, C, h, w), generator)`); the seed recorded in each
+        image's config, which also seeds its reference-path noise unless
+        `reference_noise` is given, is then that generator's `initial_seed()` (a single
+        generator gives every image the same reference noise). Without a generator
+        image i is seeded by `seed + i`. `latents` (k, C, h, w) gives z_T outright.
+        `reference_noise` (steps, N, C, h, w) serves every image.
+
+        The images are sampled one after another, each by the single-image path of
+        `generate` (the fast loop runs one target per UNet call), then decoded in one
+        VAE batch. `output_type`: "pil" (a list of PIL images), "np" ((k, H, W, 3)
+        float32 in [0, 1]), "pt" ((k, 3, H, W) float32 in [0, 1]) or "latent" (the final
+        latents (k, C, h, w), not decoded).
+
         `callback_on_step_end(pipe, step, timestep, callback_kwargs)` runs after each
-        step with the tensors named in `callback_on_step_end_tensor_inputs`
-        ("latents"); a returned "latents" replaces the loop's.
+        step of each image (step counts from 0 for each image) with the tensors named
+        in `callback_on_step_end_tensor_inputs` ("latents": the target latents after
+        the step; the tensor is the callback's to keep); a returned `{"latents": x}`,
+        or the tensor edited in place, replaces the loop's latents. A diffusers
+        `PipelineCallback` brings its own `tensor_inputs`.
+
+        Returns `MagicFacePipelineOutput(images, semantic_maps, results)` (`results`:
+        each image's MagicFaceResult, with `image` None for "latent"), or with
+        `return_dict=False` the tuple `(images, semantic_maps)`.
         """
         from diffusers.utils.torch_utils import randn_tensor
 
-        from .output import MagicFacePipelineOutput
-
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
-        unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
+        # 1. Check the call's own arguments before any work.
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got "
+                             f"{output_type!r}")
+        tensor_inputs = tuple(getattr(callback_on_step_end, "tensor_inputs", None)
+                              or callback_on_step_end_tensor_inputs)
+        unknown = [n for n in tensor_inputs if n not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: unknown {sorted(unknown)}"
-                             " (this pipeline offers: latents)")
-        k = int(num_images_per_prompt)
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not offered "
+                             f"(this pipeline offers {list(self._callback_tensor_inputs)})")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt,
+                                                                     int):
+            raise TypeError("num_images_per_prompt must be an int")
+        k = num_images_per_prompt
         if k < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {k}")
-        fields = {"steps": num_inference_steps, "guidance_scale": guidance_scale,
-                  "negative_prompt": negative_prompt, **config_fields}
-        if height is not None:
-            fields["height"] = height
-        if width is not None:
-            fields["width"] = width
-        known = {f.name for f in dataclasses.fields(GenerationConfig)}
-        bad = sorted(set(fields) - known)
-        if bad:
-            raise TypeError(f"__call__() got unexpected keyword arguments: {', '.join(bad)}")
-        base = GenerationConfig(**fields)
-        generators = generator if isinstance(generator, list) else [generator] * k
-        if len(generators) != k:
-            raise ValueError(f"{len(generators)} generators for {k} images")
-        if latents is not None and latents.shape[0] != k:
-            raise ValueError(f"latents has {latents.shape[0]} rows for {k} images")
-        shape = (1, self.unet.config.in_channels, base.height // self.vae_scale_factor,
+        base = self._call_config(num_inference_steps, guidance_scale, negative_prompt,
+                                 height, width, alpha, preset, config_fields)
+        if isinstance(generator, (list, tuple)) and len(generator) != k:
+            raise ValueError(f"{len(generator)} generators for {k} images "
+                             "(num_images_per_prompt): give one per image, or one")
+        shape = (k, self.unet.config.in_channels, base.height // self.vae_scale_factor,
                  base.width // self.vae_scale_factor)
-        on_step_end = None
-        if callback_on_step_end is not None:
-            def on_step_end(i: int, t: torch.Tensor, lat: torch.Tensor):
-                out = callback_on_step_end(self, i, t, {"latents": lat}) or {}
-                return out.get("latents")
-        results, bar = [], self.progress_bar(base.steps * k)
+        if latents is not None and (latents.ndim != 4 or latents.shape[0] != k):
+            raise ValueError(f"latents must have shape {shape} (one row per image), got "
+                             f"{tuple(latents.shape)}")
+        # 2. z_T: given, or the generator's draw, exactly as diffusers' prepare_latents.
+        if latents is None and generator is not None:
+            latents = randn_tensor(shape, generator=list(generator) if isinstance(
+                generator, tuple) else generator, device=self.device, dtype=self.dtype)
+        on_step_end = (None if callback_on_step_end is None
+                       else self._step_end(callback_on_step_end, tensor_inputs))
+        # 3. The images, one by one; then one decode.
+        results: list[MagicFaceResult] = []
+        bar = self.progress_bar(total=base.steps * k)
         try:
             for i in range(k):
-                g, z = generators[i], None if latents is None else latents[i:i + 1]
-                config = base.replace(seed=base.seed + i)
-                if g is not None:
-                    config = base.replace(seed=g.initial_seed() % 2**63)
-                    if z is None:
-                        z = randn_tensor(shape, generator=g, device=self.device,
-                                         dtype=self.dtype)
-                results.append(self.generate(
-                    prompt, concepts, config, lambda *_: bar.update(1), latents=z,
+                results.append(self._sample(
+                    prompt, concepts, self._image_config(base, generator, i),
+                    lambda *_: bar.update(1),
+                    latents=None if latents is None else latents[i:i + 1],
                     reference_noise=reference_noise, on_step_end=on_step_end))
+            final = torch.cat([r.latents for r in results])
+            images = final if output_type == "latent" else self._postprocess(
+                self.decode_tensor(final), output_type, results)
         finally:
             bar.close()
-        final = torch.cat([r.latents for r in results])
-        if output_type == "latent":
-            images: Any = final
-        else:
-            pixels = self.decode_tensor(final)
-            if output_type == "pt":
-                images = pixels
-            else:
-                arr = pixels.cpu().permute(0, 2, 3, 1).numpy()
-                images = arr if output_type == "np" else [
-                    Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+            self.maybe_free_model_hooks()
         maps = [r.semantic_maps for r in results]
         if not return_dict:
             return images, maps
         return MagicFacePipelineOutput(images=images, semantic_maps=maps, results=results)
+
+    def _call_config(self, steps: int, guidance_scale: float, negative_prompt: str | None,
+                     height: int | None, width: int | None, alpha: float, preset: str,
+                     config_fields: dict[str, Any]) -> GenerationConfig:
+        """`__call__`'s keywords as a GenerationConfig; unknown ones refused as Python
+        refuses them."""
+        if "steps" in config_fields:
+            # The config's name for num_inference_steps: both would be ambiguous.
+            raise TypeError("__call__() got an unexpected keyword argument 'steps' (the "
+                            "number of steps is num_inference_steps)")
+        bad = [k for k in config_fields if k not in GenerationConfig.field_names()]
+        if bad:
+            plural = "s" if len(bad) > 1 else ""
+            raise TypeError(f"__call__() got an unexpected keyword argument{plural} "
+                            + ", ".join(repr(k) for k in bad))
+        default_h, default_w = self._default_size()
+        return GenerationConfig(
+            steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            height=default_h if height is None else height,
+            width=default_w if width is None else width, alpha=alpha, preset=preset,
+            **config_fields)
+
+    def _default_size(self) -> tuple[int, int]:
+        """diffusers' default image size: the UNet's sample size in pixels."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    @staticmethod
+    def _image_config(base: GenerationConfig, generator: Any, i: int) -> GenerationConfig:
+        """Image i's config: its seed is its generator's, else `seed + i`."""
+        if generator is None:
+            return base.replace(seed=(base.seed + i) % 2**63)
+        g = generator[i] if isinstance(generator, (list, tuple)) else generator
+        # initial_seed() is a 64-bit unsigned value; the config holds 63 bits.
+        return base.replace(seed=g.initial_seed() % 2**63)
+
+    def _step_end(self, callback: Callable[..., Any],
+                  tensor_inputs: tuple[str, ...]) -> StepEndCallback:
+        """diffusers' callback_on_step_end as the loops' on_step_end."""
+
+        def on_step_end(i: int, t: torch.Tensor, lat: torch.Tensor) -> torch.Tensor | None:
+            out = callback(self, i, t, {name: lat for name in tensor_inputs})
+            new = out.get("latents") if isinstance(out, dict) else None
+            if new is not None and (not isinstance(new, torch.Tensor)
+                                    or new.shape != lat.shape):
+                raise ValueError("callback_on_step_end returned latents of shape "
+                                 f"{tuple(getattr(new, 'shape', ()))}, expected "
+                                 f"{tuple(lat.shape)}")
+            return new
+
+        return on_step_end
+
+    @staticmethod
+    def _postprocess(pixels: torch.Tensor, output_type: str,
+                     results: list[MagicFaceResult]) -> Any:
+        """Decoded pixels (k, 3, H, W) in [0, 1] as `output_type`; each result's
+        `image` set to its PIL image (as `generate` sets it)."""
+        arr = pixels.cpu().permute(0, 2, 3, 1).numpy()
+        pil = _to_pil(arr)
+        for r, img in zip(results, pil, strict=True):
+            r.image = img
+        return {"pil": pil, "np": arr, "pt": pixels}[output_type]
+
+
+def _to_pil(arr: np.ndarray) -> list[Image.Image]:
+    """(k, H, W, 3) floats in [0, 1] -> k PIL images, rounded as diffusers'
+    `numpy_to_pil` rounds."""
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
 
 
 def load_pipeline(model: str = "tiny", device: str | torch.device | None = None,

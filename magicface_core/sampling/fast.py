@@ -187,11 +187,13 @@ class FastSampler:
                         store[j].append({name: (kv[j][0].clone(), kv[j][1].clone())
                                          for name, kv in captured.items()})
                     if on_step_end is not None:
-                        # The latents live in a static buffer (graphs replay on it): an
-                        # edit is copied in, never rebound.
-                        edited = on_step_end(i, call.timesteps[i], b.latents)
-                        if edited is not None and edited is not b.latents:
-                            b.latents.copy_(edited)
+                        # The latents live in a static buffer (graphs replay on it): the
+                        # callback gets a copy (one it keeps must not change under it
+                        # at the next step), and what it returns, or its copy edited in
+                        # place, is copied back in, never rebound.
+                        latents = b.latents.clone()
+                        edited = on_step_end(i, call.timesteps[i], latents)
+                        b.latents.copy_(latents if edited is None else edited)
                     if on_step is not None:
                         on_step(i + 1, steps)
             finally:

@@ -156,6 +156,12 @@ def noisy_references(vae, call: PreparedCall, indices: Sequence[int]) -> torch.T
     (steps, len(indices), C, h, w), or None for none."""
     if not indices:
         return None
+    # Under model offload (accelerate's hook on the VAE) `encode` moves the VAE to the
+    # execution device but not its input, which encode_latents places on `vae.device`:
+    # run the hook first so that both are where the call runs.
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(vae)
     z = encode_latents(vae, torch.cat([call.refs[i].pixels for i in indices]))
     return noised_reference_latents(call.scheduler, z.to(call.latents.dtype), call.timesteps,
                                     call.reference_seed, list(indices),

@@ -62,7 +62,7 @@ def sample_reference(unet, vae, call: PreparedCall,
             if on_step_end is not None:
                 edited = on_step_end(i, t, latents)
                 if edited is not None:
-                    latents = edited.to(latents.dtype)
+                    latents = edited.to(device=latents.device, dtype=latents.dtype)
             if on_step is not None:
                 on_step(i + 1, len(call.timesteps))
         return latents

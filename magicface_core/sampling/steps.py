@@ -17,6 +17,8 @@ __all__ = ["SampleOutput", "StepEndCallback", "step_map", "guided_noise"]
 
 # After each step: (step index, timestep, the latents after the step) -> replacement
 # latents or None (diffusers' callback_on_step_end, without the pipeline argument).
+# Both loops hand over a tensor of the callback's own (it may keep it, or edit it in
+# place: the edit counts as a replacement).
 StepEndCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
