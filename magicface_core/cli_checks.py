@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import MagicFaceInputError
+from .inputs import word_in_prompt
 from .limits import LIMITS, TEXT_LIMITS
 
 __all__ = ["parse_concept", "CONCEPT_KEYS", "CONCEPT_KEY_ALIASES", "IMAGE_SUFFIXES",
@@ -123,14 +124,6 @@ def parse_concept(spec: str) -> dict:
 
 
 # -- values -----------------------------------------------------------------------------
-
-def word_in_prompt(word: str, prompt: str) -> bool:
-    """The word (or the words of a phrase) stands alone in the prompt, ignoring case and
-    the spacing between words: the gateway's rule (service/validation.py, which the
-    library must not import). The tokenizer's own check follows at sampling."""
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?!\w)"
-    return re.search(pattern, prompt, flags=re.IGNORECASE) is not None
-
 
 def check_limit(name: str, value: Any, label: str) -> None:
     """`value` within LIMITS[name] (the table the library and the gateway read); the

@@ -3,13 +3,23 @@ shapes of explicitly given noise. Every problem is a MagicFaceInputError naming 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from .config import Concept, GenerationConfig
 from .errors import MagicFaceInputError
 from .limits import LIMITS, TEXT_LIMITS
 
-__all__ = ["check_call", "check_noise"]
+__all__ = ["check_call", "check_noise", "word_in_prompt"]
+
+
+
+def word_in_prompt(word: str, prompt: str) -> bool:
+    """The word (or the words of a phrase) stands alone in the prompt, ignoring case and
+    the spacing between words: the rule the CLI and the gateway check before any model
+    runs (the tokenizer's own check follows at sampling). Torch-free."""
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?!\w)"
+    return re.search(pattern, prompt, flags=re.IGNORECASE) is not None
 
 
 def check_call(prompt, concepts, config) -> None:

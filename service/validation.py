@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from magicface_core.config import GenerationConfig
+from magicface_core.inputs import word_in_prompt
 from magicface_core.limits import LIMITS, TEXT_LIMITS
 
 from .errors import ApiError
@@ -180,11 +181,6 @@ def parse_params(raw: str | dict | None, settings: Settings) -> Params:
     except ValueError as e:
         raise ApiError(422, "invalid_params", f"params.{e}") from None
     return p
-
-
-def word_in_prompt(word: str, prompt: str) -> bool:
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?!\w)"
-    return re.search(pattern, prompt, flags=re.IGNORECASE) is not None
 
 
 def _plain(message: str) -> str:
