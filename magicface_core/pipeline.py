@@ -24,10 +24,12 @@ from .models import Components, load_components, save_components, tiny_component
 from .output import MagicFacePipelineOutput
 from .reference import PreparedReference, prepare_reference
 from .sampling import FastSampler, make_scheduler, prepare_call, sample_reference
-from .sampling.steps import StepEndCallback
+from .sampling.fast import batch_key
+from .sampling.prepare import PreparedCall
+from .sampling.steps import SampleOutput, StepEndCallback
 from .tokens import word_token_indices
 
-__all__ = ["MagicFacePipeline", "MagicFaceResult", "load_pipeline"]
+__all__ = ["MagicFacePipeline", "MagicFaceResult", "GenerationRequest", "load_pipeline"]
 
 StepCallback = Callable[[int, int], None]
 
@@ -50,6 +52,33 @@ class MagicFaceResult:
     cache_misses: int = 0  # references computed and stored in the cache
     # The config as run: every field the preset picks filled in.
     config: GenerationConfig | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One image to make, as `generate` takes it: for `generate_batch`."""
+
+    prompt: str
+    concepts: Sequence[Concept] = ()
+    config: GenerationConfig | None = None
+    on_step: StepCallback | None = None
+    latents: torch.Tensor | None = None
+    reference_noise: torch.Tensor | None = None
+    on_step_end: StepEndCallback | None = None
+
+
+@dataclass
+class _Prepared:
+    call: PreparedCall
+    fast: bool  # runs on the fast loop
+
+    def result(self, out: SampleOutput) -> MagicFaceResult:
+        call = self.call
+        return MagicFaceResult(
+            image=None, semantic_maps=out.semantic_maps, latents=out.latents,
+            concept_tokens=call.concept_tokens, rsa_steps=call.rsa_steps if call.n else 0,
+            masks=[r.mask for r in call.refs], cache_hits=out.cache_hits,
+            cache_misses=out.cache_misses, config=call.config)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -429,32 +458,107 @@ class MagicFacePipeline:
                 on_step_end: StepEndCallback | None) -> MagicFaceResult:
         """`generate` up to the final latents (no VAE decode: `image` is None), so that
         `__call__` decodes its images in one batch, or not at all."""
-        # 1. Check and resolve the inputs (every preset-picked field filled in).
-        config = config or GenerationConfig()
-        check_call(prompt, concepts, config)
-        config = config.resolve(len(concepts))
-        concept_tokens = self.concept_tokens(prompt, concepts)
-        check_noise(config, len(concepts), self.unet.config.in_channels,
-                    self.vae_scale_factor, latents, reference_noise)
-        # 2. Decode, mask and letterbox the references.
-        refs = self.prepare_references(concepts, config)
+        request = GenerationRequest(prompt, concepts, config, on_step, latents=latents,
+                                    reference_noise=reference_noise, on_step_end=on_step_end)
         with self._lock:
-            # 3. Scheduler, grids, z_T, embeddings, token tables.
-            call = prepare_call(self.components, prompt, refs, concept_tokens, config,
-                                device=self.device, dtype=self.dtype, latents=latents,
-                                reference_noise=reference_noise)
-            # 4. The steps: the fast loop, or the plain reference loop.
-            if config.fast_path and supports_fast_ddim(call.scheduler):
-                out = self.fast_sampler.sample(call, self.vae, self.model_name, on_step,
+            job = self._prepare(request)
+            # The steps: the fast loop, or the plain reference loop.
+            if job.fast:
+                out = self.fast_sampler.sample(job.call, self.vae, self.model_name, on_step,
                                                self.kv_cache, self.use_cuda_graphs,
                                                on_step_end)
             else:
-                out = sample_reference(self.unet, self.vae, call, on_step, on_step_end)
-        return MagicFaceResult(
-            image=None, semantic_maps=out.semantic_maps,
-            latents=out.latents, concept_tokens=concept_tokens,
-            rsa_steps=call.rsa_steps if refs else 0, masks=[r.mask for r in refs],
-            cache_hits=out.cache_hits, cache_misses=out.cache_misses, config=config)
+                out = sample_reference(self.unet, self.vae, job.call, on_step, on_step_end)
+        return job.result(out)
+
+    def _prepare(self, r: GenerationRequest) -> _Prepared:
+        """A request checked, resolved and prepared for a loop (the caller holds the
+        lock: prepare_call runs the text encoder)."""
+        # 1. Check and resolve the inputs (every preset-picked field filled in).
+        config = r.config or GenerationConfig()
+        check_call(r.prompt, r.concepts, config)
+        config = config.resolve(len(r.concepts))
+        concept_tokens = self.concept_tokens(r.prompt, r.concepts)
+        check_noise(config, len(r.concepts), self.unet.config.in_channels,
+                    self.vae_scale_factor, r.latents, r.reference_noise)
+        # 2. Decode, mask and letterbox the references.
+        refs = self.prepare_references(r.concepts, config)
+        # 3. Scheduler, grids, z_T, embeddings, token tables.
+        call = prepare_call(self.components, r.prompt, refs, concept_tokens, config,
+                            device=self.device, dtype=self.dtype, latents=r.latents,
+                            reference_noise=r.reference_noise)
+        return _Prepared(call, config.fast_path and supports_fast_ddim(call.scheduler))
+
+    def generate_batch(self, requests: Sequence[GenerationRequest],
+                       max_batch: int = 8) -> list[MagicFaceResult | Exception]:
+        """Several requests, as a server batches them: each request's result is what
+        `generate` gives for it (to float tolerance), or the exception it raised (bad
+        input, or one from its own callback: a cancel) without disturbing the others.
+
+        Requests that share a call shape (`batch_key`: size, steps, concept count,
+        preset options; prompts, seeds, guidance scales, references and weights may
+        differ) run on the fast loop together, up to `max_batch` per UNet batch, and a
+        reference several of them share is computed once. If a batch runs out of GPU
+        memory, its requests run one by one.
+        """
+        try:
+            results = self._sample_many(requests, max_batch)
+            for out in results:
+                if isinstance(out, MagicFaceResult):
+                    out.image = self.decode(out.latents)
+        finally:
+            self.maybe_free_model_hooks()
+        return results
+
+    def _sample_many(self, requests: Sequence[GenerationRequest],
+                     max_batch: int) -> list[MagicFaceResult | Exception]:
+        """`generate_batch` up to the final latents (nothing decoded)."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        results: list[MagicFaceResult | Exception | None] = [None] * len(requests)
+        with self._lock:
+            groups: dict[tuple, list[tuple[int, _Prepared]]] = {}
+            for idx, r in enumerate(requests):
+                try:
+                    job = self._prepare(r)
+                except Exception as e:  # noqa: BLE001 - that request's result
+                    results[idx] = e
+                    continue
+                key = batch_key(job.call) if job.fast else ("reference loop", idx)
+                groups.setdefault(key, []).append((idx, job))
+            for members in groups.values():
+                for start in range(0, len(members), max_batch):
+                    chunk = members[start : start + max_batch]
+                    for idx, out in self._run_chunk(chunk, requests):
+                        results[idx] = out
+        return results  # type: ignore[return-value]
+
+    def _run_chunk(self, chunk: list[tuple[int, _Prepared]],
+                   requests: Sequence[GenerationRequest]):
+        """(request index, result or exception) for requests sampled together; a
+        batch that runs out of GPU memory is run again one request at a time."""
+        r = [requests[idx] for idx, _ in chunk]
+        jobs = [job for _, job in chunk]
+        try:
+            if not jobs[0].fast:
+                (idx, job), = chunk
+                out = sample_reference(self.unet, self.vae, job.call, r[0].on_step,
+                                       r[0].on_step_end)
+                return [(idx, job.result(out))]
+            outs = self.fast_sampler.sample_batch(
+                [j.call for j in jobs], self.vae, self.model_name, [x.on_step for x in r],
+                self.kv_cache, self.use_cuda_graphs, [x.on_step_end for x in r])
+        except torch.cuda.OutOfMemoryError as e:
+            if len(chunk) == 1:
+                return [(chunk[0][0], e)]
+            torch.cuda.empty_cache()
+            log.warning("a batch of %d ran out of GPU memory; running it one by one",
+                        len(chunk))
+            return [pair for one in chunk for pair in self._run_chunk([one], requests)]
+        except Exception as e:  # noqa: BLE001 - a failure of the batch is each one's
+            return [(idx, e) for idx, _ in chunk]
+        return [(idx, out if isinstance(out, Exception) else job.result(out))
+                for (idx, job), out in zip(chunk, outs, strict=True)]
 
     @torch.no_grad()
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
@@ -509,9 +613,9 @@ class MagicFacePipeline:
         image i is seeded by `seed + i`. `latents` (k, C, h, w) gives z_T outright.
         `reference_noise` (steps, N, C, h, w) serves every image.
 
-        The images are sampled one after another, each by the single-image path of
-        `generate` (the fast loop runs one target per UNet call), then decoded in one
-        VAE batch. `output_type`: "pil" (a list of PIL images), "np" ((k, H, W, 3)
+        The images are sampled together (`generate_batch`: one UNet batch per step,
+        the references computed once), each equal to its `generate` image, then decoded
+        in one VAE batch. `output_type`: "pil" (a list of PIL images), "np" ((k, H, W, 3)
         float32 in [0, 1]), "pt" ((k, 3, H, W) float32 in [0, 1]) or "latent" (the final
         latents (k, C, h, w), not decoded).
 
@@ -560,16 +664,18 @@ class MagicFacePipeline:
                 generator, tuple) else generator, device=self.device, dtype=self.dtype)
         on_step_end = (None if callback_on_step_end is None
                        else self._step_end(callback_on_step_end, tensor_inputs))
-        # 3. The images, one by one; then one decode.
-        results: list[MagicFaceResult] = []
+        # 3. The images, sampled together (one UNet batch per step), then one decode.
         bar = self.progress_bar(total=base.steps * k)
         try:
-            for i in range(k):
-                results.append(self._sample(
-                    prompt, concepts, self._image_config(base, generator, i),
-                    lambda *_: bar.update(1),
-                    latents=None if latents is None else latents[i:i + 1],
-                    reference_noise=reference_noise, on_step_end=on_step_end))
+            results = self._sample_many([GenerationRequest(
+                prompt, concepts, self._image_config(base, generator, i),
+                lambda *_: bar.update(1),
+                latents=None if latents is None else latents[i:i + 1],
+                reference_noise=reference_noise, on_step_end=on_step_end)
+                for i in range(k)], max_batch=k)
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
             final = torch.cat([r.latents for r in results])
             images = final if output_type == "latent" else self._postprocess(
                 self.decode_tensor(final), output_type, results)

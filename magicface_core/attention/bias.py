@@ -100,5 +100,10 @@ def masks_for_grid(masks: Sequence[torch.Tensor], grid: tuple[int, int],
 
 
 def groups_for_grid(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A label map nearest-resized to a layer grid, flattened to (h*w,) long."""
+    """A label map nearest-resized to a layer grid, flattened to (h*w,) long; label
+    maps (B, h, w) give (B, h*w)."""
+    if labels.dim() == 3:
+        if tuple(labels.shape[-2:]) != tuple(grid):
+            labels = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")[:, 0]
+        return labels.reshape(labels.shape[0], -1).long()
     return _resize_nearest(labels, grid).reshape(-1).long()

@@ -95,12 +95,17 @@ def attend_folded(
     Same result (up to the rounding of w*sqrt(d) to the dtype), but the SDPA call has
     no mask: the fused flash kernel can run it, and no (Lq x Lk) bias is materialised
     or read. `q_cols` (Lq, p) are rows of `folded_query_table`, `k_cols` (Lk, p) come
-    from `folded_key_columns`.
+    from `folded_key_columns`; with a leading batch dim, one per batch row.
     """
     b, h, _, d = q.shape
     keys, values = joined(k, v, ref_k, ref_v)
-    qf = torch.cat([q, q_cols.to(q.dtype).expand(b, h, -1, -1)], dim=-1)
-    kf = torch.cat([keys, k_cols.to(q.dtype).expand(b, h, -1, -1)], dim=-1)
+
+    def per_head(cols: torch.Tensor) -> torch.Tensor:
+        cols = cols.to(q.dtype)
+        return (cols[:, None] if cols.dim() == 3 else cols).expand(b, h, -1, -1)
+
+    qf = torch.cat([q, per_head(q_cols)], dim=-1)
+    kf = torch.cat([keys, per_head(k_cols)], dim=-1)
     vf = F.pad(values, (0, q_cols.shape[-1]))
     out = F.scaled_dot_product_attention(qf, kf, vf, scale=d**-0.5)
     return out[..., :d]

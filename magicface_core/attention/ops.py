@@ -47,10 +47,13 @@ def attend(
     ref_v: Sequence[torch.Tensor],
     bias: torch.Tensor,
 ) -> torch.Tensor:
-    """One SDPA over [K ; K_1..K_N] with an additive bias of shape (Lk,) or (Lq, Lk)."""
+    """One SDPA over [K ; K_1..K_N] with an additive bias of shape (Lk,), (Lq, Lk), or
+    (B, Lq, Lk) (one per batch row: jobs sampled together)."""
     keys, values = joined(k, v, ref_k, ref_v)
     if bias.dim() == 1:
         bias = bias.expand(q.shape[-2], -1)
+    elif bias.dim() == 3:
+        bias = bias[:, None]
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
 
 

@@ -100,10 +100,10 @@ class RecordingAttnProcessor:
 
 
 class ReferenceAttnProcessor:
-    """A modified self-attention layer: the cond target row attends to the references'
-    K/V at this layer (`attend_cond`, one per variant); every other row (uncond, the
-    references themselves) runs plain self-attention, so the reference path is the
-    unmodified UNet."""
+    """A modified self-attention layer: each job's cond target row attends to its
+    references' K/V at this layer (`attend_cond`, one per variant, all jobs in one
+    call); every other row (uncond, the references themselves) runs plain
+    self-attention, so the reference path is the unmodified UNet."""
 
     def __init__(self, name: str, recorder: MapRecorder, refs: ReferenceKV):
         self.name, self.block = name, _block_of(name)
@@ -125,15 +125,21 @@ class ReferenceAttnProcessor:
         if not ref_k:
             return finish(attn, F.scaled_dot_product_attention(q, k, v), hidden_states,
                           q.dtype)
-        c = self.refs.layout.cond_row
-
-        def rest(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x[:c], x[c + 1 :]], dim=0)
-
-        plain = F.scaled_dot_product_attention(rest(q), rest(k), rest(v))
+        lay = self.refs.layout
         grid = grid_for_tokens(tokens, self.recorder.latent_hw)
-        cond = self.attend_cond(q[c : c + 1], k[c : c + 1], v[c : c + 1], ref_k, ref_v, grid)
-        out = torch.cat([plain[:c], cond, plain[c:]], dim=0)
+        cond = self.attend_cond(lay.cond(q), lay.cond(k), lay.cond(v), ref_k, ref_v, grid)
+        others = lay.others(q)
+        if not others:  # no CFG, nothing riding: the cond rows are the whole batch
+            return finish(attn, cond, hidden_states, q.dtype)
+        plain = F.scaled_dot_product_attention(
+            *(torch.cat(parts) if len(parts) > 1 else parts[0]
+              for parts in (others, lay.others(k), lay.others(v))))
+        out = torch.empty_like(q)
+        lay.cond(out).copy_(cond)
+        done = 0
+        for part, dest in zip(others, lay.others(out), strict=True):
+            dest.copy_(plain[done : done + part.shape[0]])
+            done += part.shape[0]
         return finish(attn, out, hidden_states, q.dtype)
 
 

@@ -19,38 +19,82 @@ __all__ = ["BatchLayout", "MapRecorder", "ReferenceKV", "MaskSteering", "BiasSte
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+Source = tuple[str, int]  # ("row", batch row) or ("slot", cached K/V slot)
+
+
 @dataclass(frozen=True)
 class BatchLayout:
-    """The rows of every UNet call: the target rows first (uncond, cond with CFG; cond
-    alone without), then one row per reference riding in the batch."""
+    """The rows of every UNet call for `jobs` images sampled together: each job's
+    target rows first, job after job (uncond, cond with CFG; cond alone without), then
+    one row per distinct reference riding in the batch. Solo sampling is one job.
 
-    target_rows: int  # 2 with CFG, 1 without
-    ref_rows: tuple[int | None, ...]  # concept i's row, or None when its K/V are cached
-    map_rows: tuple[int, ...]  # consecutive rows whose attention maps the map reads
+    `ref_rows[j][i]` is the row of job j's concept i, or None when its K/V come from
+    the cache, as slot `ref_slots[j][i]`. Jobs whose concept has the same reference
+    (same cache key) share one row or slot: it is computed once per step."""
+
+    target_rows: int  # per job: 2 with CFG, 1 without
+    ref_rows: tuple[tuple[int | None, ...], ...]  # job -> concept -> row or None
+    ref_slots: tuple[tuple[int | None, ...], ...] = ()  # job -> concept -> cache slot
+    foreground: bool = False  # the map also reads each job's uncond row
 
     @classmethod
     def build(cls, do_cfg: bool, n_concepts: int, riding: Sequence[int],
               foreground: bool = False) -> BatchLayout:
-        """`riding`: the concepts computed in the batch, in row order. `foreground`: the
-        map also reads the uncond row (row 0), for its foreground."""
+        """One job. `riding`: the concepts computed in the batch, in row order; the
+        others are cached, concept i in slot i. `foreground`: the map also reads the
+        uncond row (row 0), for its foreground."""
         t = 2 if do_cfg else 1
         rows: list[int | None] = [None] * n_concepts
         for pos, i in enumerate(riding):
             rows[i] = t + pos
-        return cls(t, tuple(rows), (0, 1) if foreground and do_cfg else (t - 1,))
+        slots = tuple(None if r is not None else i for i, r in enumerate(rows))
+        return cls(t, (tuple(rows),), (slots,), foreground and do_cfg)
 
     @property
-    def cond_row(self) -> int:
-        return self.target_rows - 1
+    def jobs(self) -> int:
+        return len(self.ref_rows)
 
     @property
     def n_concepts(self) -> int:
-        return len(self.ref_rows)
+        return len(self.ref_rows[0])
+
+    @property
+    def target_total(self) -> int:
+        return self.jobs * self.target_rows
+
+    @property
+    def map_rows_per_job(self) -> int:
+        """1 (the cond row) or 2 (uncond and cond, for the map's foreground)."""
+        return 2 if self.foreground else 1
+
+    def source(self, job: int, concept: int) -> Source:
+        row = self.ref_rows[job][concept]
+        if row is not None:
+            return ("row", row)
+        return ("slot", self.ref_slots[job][concept])
+
+    # Slices, not list indexes: indexing by a list copies the index to the device,
+    # which a CUDA graph cannot capture.
+    def cond(self, x: torch.Tensor) -> torch.Tensor:
+        """Every job's cond target row, in job order."""
+        t = self.target_rows
+        return x[t - 1 : self.target_total : t]
+
+    def others(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The rows that run plain attention: the uncond rows, then the references."""
+        parts = [x[0 : self.target_total : 2]] if self.target_rows == 2 else []
+        if x.shape[0] > self.target_total:
+            parts.append(x[self.target_total :])
+        return parts
 
     def map_slice(self, x: torch.Tensor) -> torch.Tensor:
-        # A slice, not a list index: indexing by a list copies the index to the device,
-        # which a CUDA graph cannot capture.
-        return x[self.map_rows[0] : self.map_rows[-1] + 1]
+        """The rows the semantic map reads, `map_rows_per_job` per job in job order."""
+        return x[: self.target_total] if self.foreground else self.cond(x)
+
+    def job_rows(self, x: torch.Tensor, job: int) -> torch.Tensor:
+        """Job `job`'s part of something `map_slice` returned."""
+        r = self.map_rows_per_job
+        return x[job * r : (job + 1) * r]
 
 
 def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -86,15 +130,21 @@ class MapRecorder:
         self.selfs[block] = ((qr, kr, scale) if self.defer_self_maps
                              else head_mean_probs(qr, kr, scale))
 
-    def recorded(self) -> tuple[list[torch.Tensor], list[Any], list[tuple[int, int]]]:
-        """This step's (cross maps, self maps, grids), paired by transformer block."""
+    def recorded(self, job: int = 0
+                 ) -> tuple[list[torch.Tensor], list[Any], list[tuple[int, int]]]:
+        """Job `job`'s maps of this step: (cross maps, self maps, grids), paired by
+        transformer block."""
         blocks = [b for b in self.cross if b in self.selfs]
         if not blocks:
             raise RuntimeError("no attention maps were recorded: the UNet has no "
                                "transformer block at or below the semantic-map grid")
-        cross = [self.cross[b] for b in blocks]
+        rows = self.layout.job_rows
+        cross = [rows(self.cross[b], job) for b in blocks]
+        selfs = [self.selfs[b] for b in blocks]
+        selfs = [(rows(s[0], job), rows(s[1], job), s[2]) if isinstance(s, tuple)
+                 else rows(s, job) for s in selfs]
         grids = [grid_for_tokens(c.shape[-2], self.latent_hw) for c in cross]
-        return cross, [self.selfs[b] for b in blocks], grids
+        return cross, selfs, grids
 
     def reset(self) -> None:
         self.cross.clear()
@@ -103,9 +153,10 @@ class MapRecorder:
 
 @dataclass
 class ReferenceKV:
-    """Where each concept's K/V come from at a modified layer: its batch row, or the
-    cache (`cached`: layer -> {concept: (k, v)}, refilled every step). When `captured`
-    is set, the riding rows' K/V are kept there on the way (to fill the cache)."""
+    """Where each job's concepts' K/V come from at a modified layer: a batch row, or a
+    cache slot (`cached`: layer -> {slot: (k, v)}, refilled every step). When
+    `captured` is set, the riding rows' K/V are kept there on the way (layer -> {row:
+    (k, v)}), to fill the cache."""
 
     layout: BatchLayout
     cached: dict[str, dict[int, KV]] = field(default_factory=dict)
@@ -113,17 +164,39 @@ class ReferenceKV:
 
     def gather(self, layer: str, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per concept, the K/V every job's cond row attends to: (jobs, heads, L_i, d),
+        or (1, ...) when all jobs share one reference (broadcast by the attention)."""
+        lay = self.layout
         ref_k, ref_v = [], []
-        for i, row in enumerate(self.layout.ref_rows):
-            if row is None:
-                k_i, v_i = self.cached[layer][i]
+        for i in range(lay.n_concepts):
+            sources = [lay.source(j, i) for j in range(lay.jobs)]
+            pieces = [self._pick(layer, src, k, v) for src in sources]
+            if len(set(sources)) == 1:
+                k_i, v_i = pieces[0]
+            elif _consecutive_rows(sources):
+                first = sources[0][1]
+                k_i, v_i = k[first : first + len(sources)], v[first : first + len(sources)]
             else:
-                k_i, v_i = k[row : row + 1], v[row : row + 1]
-                if self.captured is not None:
-                    self.captured.setdefault(layer, {})[i] = (k_i, v_i)
+                k_i = torch.cat([p[0] for p in pieces])
+                v_i = torch.cat([p[1] for p in pieces])
             ref_k.append(k_i)
             ref_v.append(v_i)
         return ref_k, ref_v
+
+    def _pick(self, layer: str, source: Source, k: torch.Tensor, v: torch.Tensor) -> KV:
+        kind, idx = source
+        if kind == "slot":
+            return self.cached[layer][idx]
+        kv = (k[idx : idx + 1], v[idx : idx + 1])
+        if self.captured is not None:
+            self.captured.setdefault(layer, {})[idx] = kv
+        return kv
+
+
+def _consecutive_rows(sources: Sequence[Source]) -> bool:
+    return (all(kind == "row" for kind, _ in sources)
+            and [idx for _, idx in sources] == list(range(sources[0][1],
+                                                          sources[0][1] + len(sources))))
 
 
 @dataclass
@@ -157,8 +230,9 @@ class MaskSteering:
 
 @dataclass
 class BiasSteering:
-    """The fast loop's per-step input, made outside the UNet: the cond row's dense
-    bias per grid (Lq, Lk), and the folded columns per (grid, head dim)."""
+    """The fast loop's per-step input, made outside the UNet: the cond rows' dense
+    bias per grid (jobs, Lq, Lk), and the folded columns per (grid, head dim):
+    ((jobs, Lq, p), (jobs, Lk, p))."""
 
     dense: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     folded: dict[tuple[tuple[int, int], int], tuple[torch.Tensor, torch.Tensor]] = field(

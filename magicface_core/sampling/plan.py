@@ -1,6 +1,10 @@
 """A fast-loop plan: the static buffers, attention state and captured graph of one
 call signature (`PlanKey`). A step is a function of the buffers only, so on CUDA it
-is captured once and replayed for every step of every call with that signature."""
+is captured once and replayed for every step of every call with that signature.
+
+A plan samples `jobs` images together (the layout's jobs, one UNet batch): every
+per-image input (z_T, embeddings, guidance scale, masks and weights, token tables,
+label map) has a leading job dim; solo sampling is one job."""
 
 from __future__ import annotations
 
@@ -41,8 +45,7 @@ class PlanKey:
 
     latent_hw: Grid
     map_hw: Grid
-    layout: BatchLayout
-    riding: tuple[int, ...]  # concepts computed in the batch, in row order
+    layout: BatchLayout  # the jobs, and where each concept's K/V come from
     reference_layers: tuple[str, ...]
     embeds_shape: tuple[int, ...]
     dtype: str
@@ -65,21 +68,23 @@ class PlanKey:
 class StepBuffers:
     """The step's inputs and outputs, each a tensor at a fixed address."""
 
-    latents: torch.Tensor  # (1, C, h, w): x_t in, x_{t-1} out
+    latents: torch.Tensor  # (jobs, C, h, w): x_t in, x_{t-1} out
     embeds: torch.Tensor  # (rows, 77, D): text embeddings in batch-row order
     t: torch.Tensor  # () long: this step's timestep
     coef: torch.Tensor  # (4,) fp32: this step's DDIM coefficients
-    g: torch.Tensor  # () fp32: the guidance scale
-    labels: torch.Tensor  # (map h, map w) long: the last step's semantic map
+    g: torch.Tensor  # (jobs,) fp32: each job's guidance scale
+    labels: torch.Tensor  # (jobs, map h, map w) long: the last step's semantic maps
     refs: torch.Tensor | None = None  # (riding, C, h, w): noised reference latents
     is_rsa: torch.Tensor | None = None  # () bool: RSA (True) or RBA this step
-    bias_table: dict[Grid, torch.Tensor] = field(default_factory=dict)  # (N+2, Lk) dense
-    q_table: dict[tuple[Grid, int], torch.Tensor] = field(default_factory=dict)  # (N+2, p)
-    k_cols: dict[tuple[Grid, int], torch.Tensor] = field(default_factory=dict)  # (Lk, p)
-    kv: dict[str, dict[int, KV]] = field(default_factory=dict)  # cached refs' K/V, a step
-    token_bias: torch.Tensor | None = None  # (77,): -inf on tokens that do not compete
-    token_scale: torch.Tensor | None = None  # (77,): ca_scale on non-concept tokens
-    label_of: torch.Tensor | None = None  # (77,) long: the concept owning each token
+    # (jobs, N+2, Lk) dense bias tables; the folded form's (N+2, p) query table and
+    # (jobs, Lk, p) key columns.
+    bias_table: dict[Grid, torch.Tensor] = field(default_factory=dict)
+    q_table: dict[tuple[Grid, int], torch.Tensor] = field(default_factory=dict)
+    k_cols: dict[tuple[Grid, int], torch.Tensor] = field(default_factory=dict)
+    kv: dict[str, dict[int, KV]] = field(default_factory=dict)  # cache slots' K/V, a step
+    token_bias: torch.Tensor | None = None  # (jobs, 77): -inf on tokens that do not compete
+    token_scale: torch.Tensor | None = None  # (jobs, 77): ca_scale on non-concept tokens
+    label_of: torch.Tensor | None = None  # (jobs, 77) long: the concept owning each token
 
     def written(self) -> list[torch.Tensor]:
         """The buffers a step writes (restored after a graph's warm-up run)."""
@@ -100,82 +105,83 @@ class Plan:
     pool: Any = None
 
     @classmethod
-    def build(cls, key: PlanKey, unet, entries: list, max_tokens: int) -> Plan:
-        """Allocate the buffers and attention state for `key`. `entries`: each concept's
-        cache entry or None (riding); cached K/V get buffers shaped like the entry."""
+    def build(cls, key: PlanKey, unet, slots: list, max_tokens: int) -> Plan:
+        """Allocate the buffers and attention state for `key`. `slots`: the cache
+        entries the layout's slots hold; their K/V get buffers shaped like the entry."""
         device, dtype = torch.device(key.device), getattr(torch, key.dtype)
-        c = unet.config.in_channels
+        c, jobs = unet.config.in_channels, key.layout.jobs
         b = StepBuffers(
-            latents=torch.zeros(1, c, *key.latent_hw, device=device, dtype=dtype),
+            latents=torch.zeros(jobs, c, *key.latent_hw, device=device, dtype=dtype),
             embeds=torch.zeros(key.embeds_shape, device=device, dtype=dtype),
             t=torch.zeros((), dtype=torch.long, device=device),
             coef=torch.zeros(4, dtype=torch.float32, device=device),
-            g=torch.zeros((), dtype=torch.float32, device=device),
-            labels=torch.zeros(key.map_hw, dtype=torch.long, device=device))
-        if key.riding:
-            b.refs = torch.zeros(len(key.riding), c, *key.latent_hw, device=device,
-                                 dtype=dtype)
+            g=torch.zeros(jobs, dtype=torch.float32, device=device),
+            labels=torch.zeros(jobs, *key.map_hw, dtype=torch.long, device=device))
+        riding = key.embeds_shape[0] - key.layout.target_total
+        if riding:
+            b.refs = torch.zeros(riding, c, *key.latent_hw, device=device, dtype=dtype)
         levels, folded = _bias_levels(key, unet)
         plan = cls(key, b, None, None, BiasSteering(), levels, folded)
         if key.n:
-            plan._build_reference_state(entries, max_tokens, device, dtype)
+            plan._build_reference_state(slots, max_tokens, device, dtype)
         if device.type == "cuda":
             plan.pool = torch.cuda.graph_pool_handle()
         return plan
 
-    def _build_reference_state(self, entries, max_tokens, device, dtype) -> None:
-        key, b, n = self.key, self.buffers, self.key.n
+    def _build_reference_state(self, slots, max_tokens, device, dtype) -> None:
+        key, b, n, jobs = self.key, self.buffers, self.key.n, self.key.layout.jobs
         self.recorder = MapRecorder(key.latent_hw, key.map_hw, key.layout, defer_self_maps=True)
         b.is_rsa = torch.zeros((), dtype=torch.bool, device=device)
         for grid, dims in self.folded.items():
             for d in dims:
                 b.q_table[grid, d] = folded_query_table(n, head_dim=d, dtype=dtype,
                                                         device=device)
-                b.k_cols[grid, d] = torch.zeros(grid[0] * grid[1] * (n + 1),
+                b.k_cols[grid, d] = torch.zeros(jobs, grid[0] * grid[1] * (n + 1),
                                                 b.q_table[grid, d].shape[-1], dtype=dtype,
                                                 device=device)
         for grid in (g for g in self.levels if g not in self.folded):
             lq = grid[0] * grid[1]
-            b.bias_table[grid] = torch.zeros(n + 2, lq * (n + 1), dtype=dtype, device=device)
-        for j, e in enumerate(entries):
-            if e is None:
-                continue
+            b.bias_table[grid] = torch.zeros(jobs, n + 2, lq * (n + 1), dtype=dtype,
+                                             device=device)
+        for slot, e in enumerate(slots):
             for name, (k, v) in e.steps[0].items():
-                b.kv.setdefault(name, {})[j] = (
+                b.kv.setdefault(name, {})[slot] = (
                     torch.zeros(k.shape, dtype=dtype, device=device),
                     torch.zeros(v.shape, dtype=dtype, device=device))
-        self.refs = ReferenceKV(key.layout, cached=b.kv,
-                                captured={} if key.riding else None)
-        b.token_bias = torch.zeros(max_tokens, device=device)
-        b.token_scale = torch.ones(max_tokens, device=device)
-        b.label_of = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        riding = key.embeds_shape[0] > key.layout.target_total
+        self.refs = ReferenceKV(key.layout, cached=b.kv, captured={} if riding else None)
+        b.token_bias = torch.zeros(jobs, max_tokens, device=device)
+        b.token_scale = torch.ones(jobs, max_tokens, device=device)
+        b.label_of = torch.zeros(jobs, max_tokens, dtype=torch.long, device=device)
 
     # -- per call ---------------------------------------------------------------------
-    def fill(self, call: PreparedCall, embeds: torch.Tensor) -> None:
-        """This call's inputs into the buffers: z_T, embeddings, guidance scale, and
-        (with concepts) the bias tables from its masks and weights, the token tables."""
+    def fill(self, calls: list[PreparedCall], embeds: torch.Tensor) -> None:
+        """The jobs' inputs into the buffers: z_T, embeddings, guidance scales, and
+        (with concepts) the bias tables from their masks and weights, the token
+        tables."""
         b = self.buffers
-        b.latents.copy_(call.latents)
+        b.latents.copy_(torch.cat([c.latents for c in calls]))
         b.embeds.copy_(embeds)
-        b.g.fill_(float(call.config.guidance_scale))
+        b.g.copy_(torch.tensor([float(c.config.guidance_scale) for c in calls]))
         b.labels.zero_()
         if not self.key.n:
             return
         device, dtype = b.latents.device, b.latents.dtype
-        weights = [r.weight for r in call.refs]
-        for grid in self.levels:
-            masks = masks_for_grid([r.mask for r in call.refs], grid, device)
-            lq = grid[0] * grid[1]
-            if grid in self.folded:
-                for d in self.folded[grid]:
-                    b.k_cols[grid, d].copy_(folded_key_columns(
-                        lq, masks, weights, head_dim=d, dtype=dtype, device=device))
-                continue
-            b.bias_table[grid].copy_(rba_table(lq, masks, weights, dtype=dtype, device=device,
-                                               rsa_row=True))
-        for buf, table in zip((b.token_bias, b.token_scale, b.label_of), call.tables,
-                              strict=True):
-            buf.copy_(table)
+        for j, call in enumerate(calls):
+            weights = [r.weight for r in call.refs]
+            for grid in self.levels:
+                masks = masks_for_grid([r.mask for r in call.refs], grid, device)
+                lq = grid[0] * grid[1]
+                if grid in self.folded:
+                    for d in self.folded[grid]:
+                        b.k_cols[grid, d][j].copy_(folded_key_columns(
+                            lq, masks, weights, head_dim=d, dtype=dtype, device=device))
+                    continue
+                b.bias_table[grid][j].copy_(rba_table(lq, masks, weights, dtype=dtype,
+                                                      device=device, rsa_row=True))
+            for buf, table in zip((b.token_bias, b.token_scale, b.label_of), call.tables,
+                                  strict=True):
+                buf[j].copy_(table)
 
     def processors(self) -> tuple[Callable[[str], object], Callable[[str], object]]:
         """Factories for the reference layers' and the other layers' processors."""
@@ -187,43 +193,54 @@ class Plan:
         return dict(self.refs.captured) if self.refs and self.refs.captured is not None else {}
 
     # -- the step ---------------------------------------------------------------------
-    def step(self, unet_call: Callable, call: PreparedCall) -> None:
-        """The whole step as a function of the buffers: UNet, semantic map, CFG, DDIM.
+    def step(self, unet_call: Callable, calls: list[PreparedCall]) -> None:
+        """The whole step as a function of the buffers: UNet, semantic maps, CFG, DDIM,
+        for every job at once (one UNet batch; maps and guidance per job).
 
         One code path for RSA and RBA steps (a per-query bias gathered from a table
         whose last row is RSA's), so a plan has a single CUDA graph / compiled graph.
         """
-        b, rows = self.buffers, self.key.layout.target_rows
+        b, lay = self.buffers, self.key.layout
+        rows = lay.target_rows
         if self.recorder is not None:
             self._steer()
         x = b.latents
-        parts = [x] * rows + ([b.refs] if b.refs is not None else [])
-        eps = unet_call(torch.cat(parts), b.t, encoder_hidden_states=b.embeds,
-                        return_dict=False)[0][:rows]
-        hits = labels = fore = None
-        if self.recorder is not None:
-            hits, labels, fore = step_map(self.recorder, call,
-                                          (b.token_bias, b.token_scale, b.label_of))
-        noise_pred = guided_noise(eps, call, b.g, hits, fore)
+        targets = x.repeat_interleave(rows, dim=0) if rows > 1 else x
+        batch = targets if b.refs is None else torch.cat([targets, b.refs])
+        eps = unet_call(batch, b.t, encoder_hidden_states=b.embeds,
+                        return_dict=False)[0][: lay.target_total]
+        preds, labels = [], []
+        for j, call in enumerate(calls):
+            hits = fore = None
+            if self.recorder is not None:
+                hits, label, fore = step_map(
+                    self.recorder, call, (b.token_bias[j], b.token_scale[j], b.label_of[j]),
+                    job=j)
+                labels.append(label)
+            preds.append(guided_noise(eps[j * rows : (j + 1) * rows], call, b.g[j], hits,
+                                      fore))
+        noise_pred = preds[0] if len(preds) == 1 else torch.cat(preds)
         x.copy_(ddim_step(x, noise_pred, b.coef, self.key.prediction_type))
-        if labels is not None:
-            b.labels.copy_(labels)
+        if labels:
+            b.labels.copy_(torch.stack(labels))
 
     def _steer(self) -> None:
-        """Reset the map recorder and gather this step's per-query bias (RSA's row on
-        RSA steps, the last map's groups on RBA steps)."""
+        """Reset the map recorder and gather this step's per-query bias, per job (RSA's
+        row on RSA steps, the job's last map's groups on RBA steps)."""
         b, st, n = self.buffers, self.steering, self.key.n
         self.recorder.enabled = True
         self.recorder.reset()
         if self.refs.captured is not None:
             self.refs.captured.clear()
         for grid in self.levels:
-            groups = torch.where(b.is_rsa, n + 1, groups_for_grid(b.labels, grid))
+            groups = torch.where(b.is_rsa, n + 1, groups_for_grid(b.labels, grid))  # (B, Lq)
             if grid in self.folded:
                 for d in self.folded[grid]:
                     st.folded[grid, d] = (b.q_table[grid, d][groups], b.k_cols[grid, d])
             else:
-                st.dense[grid] = b.bias_table[grid][groups]
+                table = b.bias_table[grid]
+                st.dense[grid] = table.gather(
+                    1, groups[..., None].expand(-1, -1, table.shape[-1]))
 
 
 def _bias_levels(key: PlanKey, unet) -> tuple[list[Grid], dict[Grid, list[int]]]:

@@ -30,16 +30,16 @@ class SampleOutput:
     cache_misses: int = 0  # references computed and stored in the cache
 
 
-def step_map(recorder: MapRecorder, call: PreparedCall, tables=None):
-    """This step's semantic map from the recorded attention maps: (hits, labels,
-    foreground); see segmentation.semantic_regions. `tables` overrides the call's token
-    tables (the fast loop keeps them in static buffers)."""
-    cross, selfs, grids = recorder.recorded()
+def step_map(recorder: MapRecorder, call: PreparedCall, tables=None, job: int = 0):
+    """This step's semantic map of job `job` from the recorded attention maps: (hits,
+    labels, foreground); see segmentation.semantic_regions. `tables` overrides the
+    call's token tables (the fast loop keeps them in static buffers)."""
+    cross, selfs, grids = recorder.recorded(job)
     c = call.config
     return semantic_regions(cross, selfs, grids, call.map_hw,
                             call.tables if tables is None else tables,
                             refinement=c.map_refinement, aggregation=c.map_aggregation,
-                            foreground=len(recorder.layout.map_rows) == 2,
+                            foreground=recorder.layout.foreground,
                             foreground_mask=bool(c.foreground_mask))
 
 

@@ -247,7 +247,7 @@ def test_processor_rows_follow_the_method():
     x = torch.randn(4, 16, 8)  # uncond, cond, two references
     masks = [torch.rand(32, 32) > 0.5, torch.zeros(32, 32, dtype=torch.bool)]
     masks[1][:16] = True
-    layout = BatchLayout(target_rows=2, ref_rows=(2, 3), map_rows=(1,))
+    layout = BatchLayout.build(do_cfg=True, n_concepts=2, riding=[0, 1])
     steering = MaskSteering(weights=[2.0, 3.0], masks=masks)
     proc = MaskedReferenceProcessor("up_blocks.3.attentions.0.transformer_blocks.0.attn1",
                                     MapRecorder(latent_hw, (2, 2), layout), ReferenceKV(layout),
@@ -286,7 +286,7 @@ def test_recording_processor_is_plain_attention_and_records_cond_maps():
     attn = _attention_module()
     x = torch.randn(3, 4, 8)
     ctx = torch.randn(3, 5, 8)
-    layout = BatchLayout(target_rows=2, ref_rows=(None,), map_rows=(1,))
+    layout = BatchLayout.build(do_cfg=True, n_concepts=1, riding=[])
     state = MapRecorder((4, 4), (2, 2), layout, enabled=True)
     with torch.no_grad():
         plain = attn(x, encoder_hidden_states=ctx)
@@ -297,8 +297,8 @@ def test_recording_processor_is_plain_attention_and_records_cond_maps():
     recorded = state.cross["mid_block.attentions.0.transformer_blocks.0"]
     assert recorded.shape == (1, 4, 5)  # the cond row only
     torch.testing.assert_close(recorded.sum(-1), torch.ones(1, 4))
-    # With map_rows the uncond row (0) is kept too, in order.
-    state.layout = BatchLayout(target_rows=2, ref_rows=(None,), map_rows=(0, 1))
+    # With the foreground the uncond row (0) is kept too, in order.
+    state.layout = BatchLayout.build(do_cfg=True, n_concepts=1, riding=[], foreground=True)
     with torch.no_grad():
         attn(x, encoder_hidden_states=ctx)
     both = state.cross["mid_block.attentions.0.transformer_blocks.0"]
