@@ -620,7 +620,8 @@ class MagicFacePipeline:
         latents (k, C, h, w), not decoded).
 
         `callback_on_step_end(pipe, step, timestep, callback_kwargs)` runs after each
-        step of each image (step counts from 0 for each image) with the tensors named
+        step of each image (step counts from 0 for each image; the images are sampled
+        together, so the calls come step by step, image after image) with the tensors named
         in `callback_on_step_end_tensor_inputs` ("latents": the target latents after
         the step; the tensor is the callback's to keep); a returned `{"latents": x}`,
         or the tensor edited in place, replaces the loop's latents. A diffusers

@@ -99,7 +99,7 @@ def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s:
             owner: str = ANONYMOUS, *, deadline: float | None = None,
             queue_deadline: float | None = None,
             webhook: Webhook | None = None, legend: list[dict] | None = None,
-            inputs_sha256: list[str] | None = None) -> Job:
+            inputs_sha256: list[str] | None = None, batch_key: str | None = None) -> Job:
     """Queue the job, with its webhook, deadlines and owner index, and append its
     `queued` event. Epoch seconds: unfinished by `deadline` (Cancel-After), or not
     started by `queue_deadline` (QUEUE_TTL_S), the job expires."""
@@ -107,6 +107,8 @@ def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s:
     ttl = result_ttl_s + 3600
     meta = {"state": JobState.QUEUED.value, "progress": {"step": 0, "total": steps},
             "owner": owner, "legend": legend or [], "inputs_sha256": inputs_sha256 or []}
+    if batch_key is not None:
+        meta["batch_key"] = batch_key  # workers batch jobs of one key (BATCH_MAX)
     if deadline is not None:
         meta["deadline"] = deadline
     if queue_deadline is not None:

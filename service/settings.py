@@ -90,6 +90,17 @@ class Settings(BaseSettings):
     keep_inputs: bool = False  # keep a job's uploads after it ends
     sweep_interval_s: int = 300  # how often a worker deletes expired jobs' objects
     orphan_grace_s: int = 3600  # objects with no job record, older than this, are deleted
+    # Batching across requests: up to BATCH_MAX queued jobs of one call shape run as one
+    # UNet batch. The worker takes what is queued when it starts a job and waits up to
+    # BATCH_WAIT_MS for more (0: never waits, so a lone job is not delayed).
+    batch_max: int = Field(default=4, ge=1, le=64)
+    batch_wait_ms: int = Field(default=0, ge=0, le=10_000)
+    # Call shapes compiled and captured before the worker reports ready, e.g.
+    # "512x512:1,2,3" (size: concept counts), several separated by ";"; see
+    # worker/warmup.py. COMPILE_CACHE_DIR keeps inductor's compiled code across starts.
+    warmup_shapes: str = ""
+    warmup_steps: int = Field(default=2, ge=1, le=50)
+    compile_cache_dir: str | None = None
     safety_checker: str = "off"  # off | warn | block (needs the checkpoint's checker)
     safety_checker_model: str | None = None  # the checker's folder or hub id
 

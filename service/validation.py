@@ -95,6 +95,16 @@ class JobRequest:
     masks: list[ValidImage]
     params: Params
 
+    def batch_key(self) -> str:
+        """Jobs a worker may sample together share this key: the parameters that fix a
+        call's shape (prompts, seeds, guidance scales above 1, negative prompts,
+        references and weights may differ). The library checks the exact shape again
+        and runs apart what does not match."""
+        p = self.params
+        shape = [p.steps, p.width, p.height, p.alpha, p.preset, len(self.concepts),
+                 p.guidance_scale > 1.0]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
+
     def record(self) -> dict:
         """What the worker reads back (request.json)."""
         return {

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -50,6 +50,8 @@ class Runtime:
     redis: Redis
     safety: Any = None  # a SafetyChecker when SAFETY_CHECKER is warn or block
     weights_sha256: str | None = None  # of the loaded model, for the job's record
+    # Jobs sampled in a batch before RQ performs them: job id -> what `generate` returns.
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
 
 
 RUNTIME: Runtime | None = None
@@ -143,11 +145,105 @@ class _Transient(Exception):
     """A storage error worth another try."""
 
 
+@dataclass
+class Begun:
+    """A job that is running: its inputs loaded and configured."""
+
+    prompt: str
+    concepts: list
+    config: Any
+    started: float  # monotonic time the job began
+    timings: dict
+
+
+@dataclass
+class Outcome:
+    """What a job's function returns, or raises, computed ahead of RQ's call (a
+    batch): `generate` hands it back when RQ performs the job."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 def generate(job_id: str) -> dict:
     rt = RUNTIME
     if rt is None:
         raise RuntimeError("the worker runtime is not initialised")
+    done = rt.outcomes.pop(job_id, None)
+    if done is not None:  # sampled in a batch (worker.MagicFaceWorker.execute_batch)
+        return done.get()
     job = get_current_job()
+    try:
+        begun = begin(rt, job, job_id)
+        if not isinstance(begun, Begun):
+            return begun
+        t = time.monotonic()
+        try:
+            res = run(rt, job, job_id, begun.prompt, begun.concepts, begun.config)
+        except JobCanceled as e:
+            return _canceled(job, rt, e.state)
+        begun.timings["sample"] = round(time.monotonic() - t, 3)
+        return finish(rt, job, job_id, res, begun)
+    finally:
+        if not rt.settings.keep_inputs:
+            drop_inputs(rt, job_id)
+
+
+def generate_batch(rt: Runtime, batch: list) -> dict[str, Outcome]:
+    """Jobs of one batch key: each begun (cancel flag, inputs), then sampled together
+    (`pipe.generate_batch`: one UNet batch per step), then finished one by one. Every
+    job gets its own outcome: a bad input, a cancel or a storage failure is that
+    job's alone."""
+    outcomes: dict[str, Outcome] = {}
+    ready: list[tuple[Any, Begun]] = []
+    for job in batch:
+        try:
+            begun = begin(rt, job, job.id)
+        except Exception as e:  # noqa: BLE001 - that job's failure
+            outcomes[job.id] = Outcome(error=e)
+            continue
+        if isinstance(begun, Begun):
+            ready.append((job, begun))
+        else:
+            outcomes[job.id] = Outcome(begun)
+    if ready:
+        from magicface_core.pipeline import GenerationRequest
+
+        requests = [GenerationRequest(b.prompt, b.concepts, b.config,
+                                      on_step=_reporter(rt, job, job.id, b.config,
+                                                        len(b.concepts)))
+                    for job, b in ready]
+        t = time.monotonic()
+        try:
+            results = rt.pipe.generate_batch(requests, max_batch=len(requests))
+        except Exception as e:  # noqa: BLE001 - the batch failed: so did each job
+            results = [e] * len(ready)
+        sample_s = round(time.monotonic() - t, 3)
+        log.info("batch of %d sampled in %.2f s", len(ready), sample_s)
+        for (job, begun), res in zip(ready, results, strict=True):
+            try:
+                if isinstance(res, BaseException):
+                    outcomes[job.id] = Outcome(_sampling_error(rt, job, job.id, res))
+                    continue
+                begun.timings["sample"] = sample_s
+                begun.timings["batch"] = len(ready)
+                outcomes[job.id] = Outcome(finish(rt, job, job.id, res, begun))
+            except Exception as e:  # noqa: BLE001 - that job's failure
+                outcomes[job.id] = Outcome(error=e)
+    if not rt.settings.keep_inputs:
+        for job in batch:
+            drop_inputs(rt, job.id)
+    return outcomes
+
+
+def begin(rt: Runtime, job, job_id: str) -> Begun | dict:
+    """The job's start: its cancel flag and deadlines (a dict: it ended before it ran),
+    then `running`, the started event, and its inputs loaded and configured."""
     started = time.monotonic()
     flag = retry(lambda: rt.redis.get(keys.CANCEL_KEY.format(job_id)), errors=REDIS_DOWN,
                  within_s=rt.settings.redis_retry_s, what=f"job {job_id}: cancel flag")
@@ -155,36 +251,31 @@ def generate(job_id: str) -> dict:
            if d is not None]
     if flag is None and due and time.time() >= min(due):
         flag = JobState.EXPIRED.value
-    try:
-        if (state := _flag_state(flag)) is not None:
-            return _canceled(job, rt, state)
-        job.meta["state"] = JobState.RUNNING.value
-        job.meta["progress"] = {**job.meta.get("progress", {}), "stage": "loading"}
-        job.meta["reproducibility"] = {"model": getattr(rt.pipe, "model_name", None),
-                                       "weights_sha256": rt.weights_sha256,
-                                       "library_version": _library_version()}
-        _save(rt, job, "start")
-        publish(rt, job, EventType.STARTED, _view(rt, job))
-        timings = job.meta["reproducibility"].setdefault("timings_s", {})
-        t = time.monotonic()
-        req, images, masks = load(rt, job, job_id)
-        prompt, concepts, config = configure(rt, job, req, images, masks)
-        timings["load"] = round(time.monotonic() - t, 3)
-        t = time.monotonic()
-        try:
-            res = run(rt, job, job_id, prompt, concepts, config)
-        except JobCanceled as e:
-            return _canceled(job, rt, e.state)
-        timings["sample"] = round(time.monotonic() - t, 3)
-        check_safety(rt, job, job_id, res)
-        t = time.monotonic()
-        job.meta["progress"]["stage"] = "saving"
-        result = store(rt, job, job_id, res)
-        timings["store"] = round(time.monotonic() - t, 3)
-        return record(rt, job, res, result, time.monotonic() - started)
-    finally:
-        if not rt.settings.keep_inputs:
-            drop_inputs(rt, job_id)
+    if (state := _flag_state(flag)) is not None:
+        return _canceled(job, rt, state)
+    job.meta["state"] = JobState.RUNNING.value
+    job.meta["progress"] = {**job.meta.get("progress", {}), "stage": "loading"}
+    job.meta["reproducibility"] = {"model": getattr(rt.pipe, "model_name", None),
+                                   "weights_sha256": rt.weights_sha256,
+                                   "library_version": _library_version()}
+    _save(rt, job, "start")
+    publish(rt, job, EventType.STARTED, _view(rt, job))
+    timings = job.meta["reproducibility"].setdefault("timings_s", {})
+    t = time.monotonic()
+    req, images, masks = load(rt, job, job_id)
+    prompt, concepts, config = configure(rt, job, req, images, masks)
+    timings["load"] = round(time.monotonic() - t, 3)
+    return Begun(prompt, concepts, config, started, timings)
+
+
+def finish(rt: Runtime, job, job_id: str, res, begun: Begun) -> dict:
+    """A sampled job's end: the safety check, its outputs stored, its record."""
+    check_safety(rt, job, job_id, res)
+    t = time.monotonic()
+    job.meta["progress"]["stage"] = "saving"
+    result = store(rt, job, job_id, res)
+    begun.timings["store"] = round(time.monotonic() - t, 3)
+    return record(rt, job, res, result, time.monotonic() - begun.started)
 
 
 def drop_inputs(rt: Runtime, job_id: str) -> None:
@@ -237,12 +328,39 @@ def run(rt: Runtime, job, job_id: str, prompt: str, concepts, config):
     """The pipeline, reporting progress per step and stopping at the cancel flag. Only
     the library's input errors are the client's (`invalid_input`); any other exception
     is the worker's and propagates (RQ records it: `internal_error`)."""
+    on_step = _reporter(rt, job, job_id, config, len(concepts))
+    try:
+        return rt.pipe.generate(prompt, concepts, config, on_step=on_step)
+    except JobCanceled:
+        raise
+    except Exception as e:  # noqa: BLE001 - sorted (and raised) by _sampling_error
+        _sampling_error(rt, job, job_id, e)
+        raise
+
+
+def _sampling_error(rt: Runtime, job, job_id: str, e: BaseException) -> dict:
+    """A sampling exception as the job's end: a cancel (returned), out of memory or a
+    bad input (failed, raised as JobFailed), anything else re-raised as it is."""
     import torch
 
     from magicface_core import MagicFaceInputError
 
+    if isinstance(e, JobCanceled):
+        return _canceled(job, rt, e.state)
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        log.warning("job %s: %s", job_id, e)
+        raise _fail(rt, job, ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory") from None
+    if isinstance(e, MagicFaceInputError):
+        raise _fail(rt, job, ErrorCode.INVALID_INPUT, str(e)) from None
+    raise e
+
+
+def _reporter(rt: Runtime, job, job_id: str, config, n_concepts: int):
+    """The job's step callback: progress into its record and event stream, and the
+    cancel flag checked (JobCanceled)."""
     cancel_key = keys.CANCEL_KEY.format(job_id)
-    rsa_steps = config.resolve(len(concepts)).rsa_steps
+    rsa_steps = config.resolve(n_concepts).rsa_steps
     clock = {"start": time.monotonic(), "published": 0.0}
 
     def on_step(step: int, total: int) -> None:
@@ -271,14 +389,7 @@ def run(rt: Runtime, job, job_id: str, prompt: str, concepts, config):
         if (state := _flag_state(flag)) is not None:
             raise JobCanceled(state)
 
-    try:
-        return rt.pipe.generate(prompt, concepts, config, on_step=on_step)
-    except torch.cuda.OutOfMemoryError as e:
-        torch.cuda.empty_cache()
-        log.warning("job %s: %s", job_id, e)
-        raise _fail(rt, job, ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory") from None
-    except MagicFaceInputError as e:
-        raise _fail(rt, job, ErrorCode.INVALID_INPUT, str(e)) from None
+    return on_step
 
 
 def check_safety(rt: Runtime, job, job_id: str, res) -> None:

@@ -21,8 +21,10 @@ from pathlib import Path
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.job import Job
+from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
+from . import tasks
 from ._service import Settings, Storage, StorageError, events, jobs, keys
 from .retry import REDIS_DOWN, retry
 from .sweeper import sweep_if_due
@@ -182,14 +184,16 @@ class MagicFaceWorker(SimpleWorker):
         return self.settings.worker_heartbeat_ttl_s
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
+        batch = [job] + self._companions(job, queue)
+        executions = [self.prepare_execution(j) for j in batch]
         stop = threading.Event()
 
         def beat() -> None:
             last_maintenance = time.monotonic()
             while not stop.wait(max(1.0, self.settings.worker_heartbeat_ttl_s / 3)):
                 try:
-                    self.maintain_heartbeats(job, execution)
+                    for j, execution in zip(batch, executions, strict=True):
+                        self.maintain_heartbeats(j, execution)
                     # RQ runs registry maintenance only between jobs; a busy worker runs
                     # it here, after its own heartbeat, so another worker's dead job is
                     # failed without waiting for an idle worker.
@@ -203,9 +207,84 @@ class MagicFaceWorker(SimpleWorker):
         thread = threading.Thread(target=beat, daemon=True)
         thread.start()
         try:
-            self.perform_job(job, queue, execution)
+            if len(batch) > 1:
+                self._sample_batch(batch, queue)
+            # RQ's own lifecycle for each job (started, performed, recorded); a batched
+            # job's function hands back the outcome computed above.
+            for j, execution in zip(batch, executions, strict=True):
+                self.perform_job(j, queue, execution)
         finally:
             stop.set()
             thread.join(timeout=5)
+            if tasks.RUNTIME is not None:  # an outcome RQ did not collect is dropped
+                for j in batch:
+                    tasks.RUNTIME.outcomes.pop(j.id, None)
         self.set_state(WorkerStatus.IDLE)
 
+    # -- batching across requests ------------------------------------------------------
+    def _companions(self, job: Job, queue: Queue) -> list[Job]:
+        """Queued jobs with `job`'s batch key, claimed for one batch: up to BATCH_MAX in
+        all, taken from the first jobs in the queue, waiting up to BATCH_WAIT_MS for
+        more. A claimed job moves to RQ's intermediate queue, as RQ's own dequeue moves
+        it: should this worker die before starting it, RQ's maintenance fails it."""
+        key = job.meta.get("batch_key")
+        limit = self.settings.batch_max - 1
+        if not key or limit < 1 or tasks.RUNTIME is None:
+            return []
+        found: list[Job] = []
+        until = time.monotonic() + self.settings.batch_wait_ms / 1000
+        try:
+            while True:
+                ids = queue.connection.lrange(queue.key, 0, BATCH_SCAN - 1)
+                candidates = self.job_class.fetch_many(
+                    [i.decode() if isinstance(i, bytes) else i for i in ids],
+                    connection=self.connection, serializer=self.serializer)
+                for c in candidates:
+                    if len(found) == limit:
+                        break
+                    if (c is not None and c.meta.get("batch_key") == key
+                            and _claim(queue, c.id)):
+                        found.append(c)
+                left = until - time.monotonic()
+                if len(found) == limit or left <= 0:
+                    break
+                time.sleep(min(0.01, left))
+        except REDIS_DOWN as e:  # batch what was claimed; the rest stays queued
+            log.warning("batching stopped: %s", e)
+        if found:
+            log.info("job %s: batched with %d queued jobs", job.id, len(found))
+        return found
+
+    def _sample_batch(self, batch: list[Job], queue: Queue) -> None:
+        """Mark every job started, then sample them together; each job's outcome waits
+        in the runtime for RQ to perform the job. The batch runs under the shortest
+        job timeout."""
+        rt = tasks.RUNTIME
+        for j in batch:
+            self.prepare_job_execution(j, remove_from_intermediate_queue=True)
+        timeout = min(j.timeout or self.queue_class.DEFAULT_TIMEOUT for j in batch)
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=batch[0].id):
+                rt.outcomes.update(tasks.generate_batch(rt, batch))
+        except JobTimeoutException as e:
+            for j in batch:
+                rt.outcomes[j.id] = tasks.Outcome(error=e)
+
+
+# How many queued jobs a worker looks at for companions of its job.
+BATCH_SCAN = 64
+
+# Moves a queued job to the intermediate queue if it is still queued (another worker
+# may have taken it): 1 when claimed.
+_CLAIM = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[1])
+    return 1
+end
+return 0
+"""
+
+
+def _claim(queue: Queue, job_id: str) -> bool:
+    return bool(queue.connection.eval(_CLAIM, 2, queue.key, queue.intermediate_queue_key,
+                                      job_id))

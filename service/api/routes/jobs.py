@@ -180,7 +180,8 @@ def _create(sub: Submission, owner: str, settings: Settings, redis: Redis, queue
             owner, deadline=None if lifetime is None else now + lifetime,
             queue_deadline=now + settings.queue_ttl_s,
             webhook=jobs.Webhook(sub.webhook, sub.webhook_events) if sub.webhook else None,
-            legend=jobs.legend([c.word for c in req.concepts]), inputs_sha256=hashes)
+            legend=jobs.legend([c.word for c in req.concepts]), inputs_sha256=hashes,
+            batch_key=req.batch_key())
     except (StorageError, RedisError) as e:
         log.warning("request %s: job %s not created: %s", rid, job_id, e)
         _discard(storage, redis, job_id)
