@@ -202,15 +202,19 @@ def publish_end(redis: Redis, job: Job, queue: Queue, record_ttl_s: int) -> bool
     return True
 
 
-def live_workers(redis: Redis, queue_name: str) -> list[dict]:
-    """The registered workers (with their model loaded) serving `queue_name`."""
+def live_workers(redis: Redis, queue_name: str, warm: bool | None = True) -> list[dict]:
+    """The registered workers (with their model loaded) serving `queue_name`: the warm
+    ones (ready: WARMUP_SHAPES compiled), the warming ones (`warm=False`), or all
+    (`warm=None`). A worker from before warm-up existed counts as warm."""
     out = []
     for k in redis.scan_iter(WORKER_ALIVE_KEY.format("*")):
         raw = redis.get(k)
         if raw is None:
             continue
         info = json.loads(raw)
-        if info.get("model_loaded") and info.get("queue", queue_name) == queue_name:
+        if not info.get("model_loaded") or info.get("queue", queue_name) != queue_name:
+            continue
+        if warm is None or bool(info.get("warm", True)) == warm:
             out.append(info)
     return out
 

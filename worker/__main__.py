@@ -9,12 +9,16 @@ from redis import Redis
 from rq import Queue
 
 from . import tasks
-from ._service import Settings, open_storage
+from ._service import Params, Settings, open_storage
+from .warmup import open_compile_cache, parse_shapes, plans_needed, save_compile_cache, warm_up
 from .worker import MagicFaceWorker
 
 
 def load_pipeline(settings: Settings):
     """The model once, with the worker's fast-path settings."""
+    if settings.compile_cache_dir:
+        # Before torch compiles anything: inductor reads its cache location once.
+        open_compile_cache(settings.compile_cache_dir)
     import torch
 
     from magicface_core import load_pipeline as load
@@ -27,7 +31,31 @@ def load_pipeline(settings: Settings):
         pipe.fuse_qkv_projections()
     if settings.torch_compile:
         pipe.enable_compile()
+    shapes = parse_shapes(settings.warmup_shapes)
+    pipe.fast_sampler.max_plans = max(pipe.fast_sampler.max_plans,
+                                      plans_needed(shapes, settings.batch_max) + 4)
     return pipe
+
+
+def warm(pipe, settings: Settings, log) -> float:
+    """WARMUP_SHAPES run (compiled and captured) with the service's default
+    parameters; the compile cache saved after. Returns the seconds it took."""
+    shapes = parse_shapes(settings.warmup_shapes)
+    if not shapes:
+        return 0.0
+
+    def config_for(shape):
+        return Params(width=shape.width, height=shape.height,
+                      steps=settings.warmup_steps).to_config(
+            reference_seed=settings.reference_seed, sam_checkpoint=settings.sam_checkpoint)
+
+    took = warm_up(pipe, shapes, config_for, settings.batch_max)
+    if settings.compile_cache_dir and pipe.is_compiled:
+        try:
+            save_compile_cache(settings.compile_cache_dir)
+        except OSError as e:  # a read-only volume: the next start compiles again
+            log.warning("compile cache not saved: %s", e)
+    return took
 
 
 def load_safety_checker(settings: Settings, device, log):
@@ -69,9 +97,14 @@ def check_startup(settings: Settings) -> str:
 
 
 def main() -> None:
+    started = time.monotonic()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
     model = check_startup(settings)
+    try:
+        parse_shapes(settings.warmup_shapes)
+    except ValueError as e:
+        raise SystemExit(f"worker: {e}") from None
     if settings.worker_threads:
         import torch
 
@@ -88,12 +121,21 @@ def main() -> None:
                                   safety=load_safety_checker(settings, pipe.device, log),
                                   weights_sha256=pipe.weights_sha256())
     log.info("model %s loaded on %s", model, pipe.device)
+    ready = {"warm": False}
     # RQ's loop ends on an error it does not handle (a Redis outage outlasting
     # REDIS_RETRY_S, say): start it again, model still loaded, unless asked to stop.
     while True:
         worker = MagicFaceWorker([Queue(settings.queue_name, connection=redis)],
                                  settings=settings, connection=redis,
                                  model=model, storage=storage)
+        if not ready["warm"]:
+            # Registered as warming (not ready) while the shapes compile.
+            worker.start_announcing(warm=False)
+            took = warm(pipe, settings, log)
+            ready["warm"] = True
+            worker.mark_warm(time.monotonic() - started)
+            log.info("worker ready in %.1f s (warm-up %.1f s)", time.monotonic() - started,
+                     took)
         worker.work(with_scheduler=False)
         if worker.stop_requested:
             break

@@ -48,18 +48,41 @@ class MagicFaceWorker(SimpleWorker):
             job_monitoring_interval=max(1, hb // 3), **kwargs)
         self._alive_stop = threading.Event()
         self._alive = threading.Thread(target=self._announce, daemon=True)
+        self._since = time.time()
+        # Ready for /readyz once warm (WARMUP_SHAPES compiled); `ready_s`: seconds
+        # from the process start to ready.
+        self.warm = True
+        self.ready_s: float | None = None
+
+    def start_announcing(self, warm: bool = True) -> None:
+        """Register this worker (before `work`: a warming worker shows as such)."""
+        self.warm = warm
+        if not self._alive.is_alive():
+            self._alive.start()
+
+    def mark_warm(self, ready_s: float) -> None:
+        self.warm, self.ready_s = True, round(ready_s, 2)
+        try:
+            self._register()
+        except REDIS_DOWN as e:  # the announce loop registers it once Redis is back
+            log.warning("worker registration failed: %s", e)
+
+    def _register(self) -> None:
+        info = json.dumps({"name": self.name, "model": self.model, "model_loaded": True,
+                           "warm": self.warm, "ready_s": self.ready_s,
+                           "queue": self.settings.queue_name, "pid": os.getpid(),
+                           "since": self._since})
+        self.connection.set(keys.WORKER_ALIVE_KEY.format(self.name), info,
+                            ex=self.settings.worker_heartbeat_ttl_s)
 
     # Registration for /readyz: a short-lived key per worker with its model.
     def _announce(self) -> None:
         key = keys.WORKER_ALIVE_KEY.format(self.name)
         ttl = self.settings.worker_heartbeat_ttl_s
-        info = json.dumps({"name": self.name, "model": self.model, "model_loaded": True,
-                           "queue": self.settings.queue_name, "pid": os.getpid(),
-                           "since": time.time()})
         last_sweep = 0.0
         while True:
             try:
-                self.connection.set(key, info, ex=ttl)
+                self._register()
                 # The container's healthcheck reads this file's age: it stays fresh
                 # while the worker can reach Redis and its loop is alive.
                 Path(self.settings.heartbeat_file).touch()
@@ -165,7 +188,7 @@ class MagicFaceWorker(SimpleWorker):
                     log.debug("job %s: not reconciled: %s", job_id, e)
 
     def work(self, *args, **kwargs):
-        self._alive.start()
+        self.start_announcing(self.warm)
         hooks = None
         if self.settings.webhook_delivery and self.settings.webhook_secrets:
             from .webhooks import start_thread

@@ -14,6 +14,8 @@ __all__ = ["CompiledUNet", "COMPILER_ERRORS", "run_step"]
 
 log = logging.getLogger(__name__)
 
+RECOMPILE_LIMIT = 64
+
 
 def _compiler_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = []
@@ -53,6 +55,12 @@ class CompiledUNet:
     def enable(self, mode: str = "default", options: dict | None = None) -> None:
         """Compile with inductor. The fast loop captures its own CUDA graph around the
         step, so modes and options with inductor's own cudagraphs are refused."""
+        # Every call shape (size, concept count, batch of jobs, cached or not) is a
+        # recompile (dynamic=False); past dynamo's limit (8 by default) new shapes
+        # would silently run eager.
+        import torch._dynamo.config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         if options is not None:
             if options.get("triton.cudagraphs"):
                 raise ValueError("the fast loop captures its own CUDA graphs: leave "

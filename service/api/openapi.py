@@ -27,7 +27,8 @@ ERROR_CODES: dict[int, list[str]] = {
           "mask_count_mismatch", "mask_size_mismatch", "masks_required", "invalid_webhook",
           "webhooks_disabled", "invalid_header", "idempotency_conflict", "invalid_cursor"],
     429: ["queue_full (with Retry-After)"],
-    503: ["unavailable", "redis_unavailable", "storage_unavailable", "no_worker"],
+    503: ["unavailable", "redis_unavailable", "storage_unavailable", "no_worker",
+          "warming_up"],
 }
 
 

@@ -93,3 +93,22 @@ def test_attention_bench_cpu_smoke_run(tmp_path):
         # The two bias forms compute the same attention (fp32 on the CPU).
         assert cases[f"{level} N=1 folded_vs_dense_rel_err"] < 1e-5
         assert cases[f"{level} N=1 folded/m32"] > 0
+
+
+def test_batch_bench_cpu_smoke_run_covers_batching_and_cold_start(tmp_path):
+    out = tmp_path / "batch.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "batch_bench.py"), "--cpu", "--tiny",
+         "--repeats", "1", "--steps", "2", "--cold-start", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cases = result["cases"]
+    assert cases["cached_n1"]["jobs"] == 8 and cases["uncached_n2"]["jobs"] == 4
+    for name in ("cached_n1", "uncached_n2"):
+        # The batched path ran and gave each job its solo image.
+        assert cases[name]["jobs_per_s_batched"] > 0
+        assert cases[name]["max_rel_err"] < 1e-5
+    assert cases["lone"]["ratio"] > 0
+    cold = result["cold_start"]
+    assert cold["cold"]["ready_s"] > 0 and cold["warm"]["ready_s"] > 0

@@ -25,13 +25,15 @@ async def healthz() -> dict:  # on the event loop: never queued behind blocking 
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis and storage answer, and a worker with its model "
-                              "loaded is registered", responses={503: {"model": ErrorBody}})
+@router.get("/readyz", summary="Redis and storage answer, and a warm worker (its model "
+                              "loaded, WARMUP_SHAPES compiled) is registered",
+            responses={503: {"model": ErrorBody}})
 def readyz(request: Request, redis: RedisDep, storage: StorageDep, queue: QueueDep) -> dict:
     rid = request_id(request)
     try:
         redis.ping()
         ready = jobs.live_workers(redis, queue.name)
+        warming = jobs.live_workers(redis, queue.name, warm=False)
     except RedisError as e:
         log.warning("request %s: readyz: Redis: %s", rid, e)
         raise ApiError(503, "redis_unavailable",
@@ -43,9 +45,13 @@ def readyz(request: Request, redis: RedisDep, storage: StorageDep, queue: QueueD
         raise ApiError(503, "storage_unavailable",
                        f"storage does not answer (request {rid})") from None
     if not ready:
+        if warming:
+            raise ApiError(503, "warming_up", f"{len(warming)} worker(s) for queue "
+                                              f"{queue.name!r} are warming up "
+                                              "(WARMUP_SHAPES), none is ready yet")
         raise ApiError(503, "no_worker", "no worker with a loaded model serves queue "
                                          f"{queue.name!r}")
-    return {"status": "ready", "workers": len(ready)}
+    return {"status": "ready", "workers": len(ready), "warming": len(warming)}
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (with an API "
