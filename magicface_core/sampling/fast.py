@@ -26,7 +26,7 @@ from ..ddim import ddim_coefficients
 from ..kv_cache import KVEntry, ReferenceKVCache, reference_cache_key
 from .graphs import CompiledUNet, run_step
 from .plan import Plan, PlanKey
-from .prepare import PreparedCall, noisy_references
+from .prepare import PreparedCall, needs_map, noisy_references
 from .steps import SampleOutput, StepEndCallback
 
 __all__ = ["FastSampler", "batch_key"]
@@ -286,8 +286,10 @@ class FastSampler:
                             bv.copy_(v, non_blocking=True)
                     if b.is_rsa is not None:
                         b.is_rsa.copy_(is_rsa[i])
-                    captured = run_step(plan, lambda: plan.step(self.unet_call, calls),
-                                        use_graphs)
+                    with_map = bool(call.n) and any(needs_map(c, i) for c in calls)
+                    captured = run_step(
+                        plan, lambda m=with_map: plan.step(self.unet_call, calls, m),
+                        use_graphs, variant=with_map)
                     ran = i + 1
                     if maps is not None:
                         maps[i].copy_(b.labels)

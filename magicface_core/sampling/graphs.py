@@ -87,10 +87,12 @@ class CompiledUNet:
             return self.unet(*args, **kwargs)
 
 
-def run_step(plan: Any, step: Callable[[], None], use_graphs: bool) -> dict:
+def run_step(plan: Any, step: Callable[[], None], use_graphs: bool,
+             variant: Any = None) -> dict:
     """Run `step` (a function of the plan's static buffers only), eagerly or by
-    replaying the plan's CUDA graph, capturing it on first use. Returns the tensors
-    that hold the riding references' K/V after the step (layer -> {concept: (k, v)}).
+    replaying the plan's CUDA graph of `variant` (a step with or without the semantic
+    map), capturing it on first use. Returns the tensors that hold the riding
+    references' K/V after the step (row -> (k, v) per layer).
 
     Capture order: a warm-up run on a side stream (allocator, kernel choices, compile)
     with the buffers the step writes saved and restored around it, then the capture
@@ -99,7 +101,7 @@ def run_step(plan: Any, step: Callable[[], None], use_graphs: bool) -> dict:
     if not use_graphs:
         step()
         return plan.captured_kv()
-    if plan.graph is None:
+    if variant not in plan.graphs:
         writes = plan.buffers.written()
         saved = [b.clone() for b in writes]
         side = torch.cuda.Stream()
@@ -112,7 +114,7 @@ def run_step(plan: Any, step: Callable[[], None], use_graphs: bool) -> dict:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=plan.pool):
             step()
-        plan.graph = graph
-        plan.graph_capture = plan.captured_kv()
-    plan.graph.replay()
-    return plan.graph_capture
+        plan.graphs[variant] = (graph, plan.captured_kv())
+    graph, captured = plan.graphs[variant]
+    graph.replay()
+    return captured

@@ -100,8 +100,9 @@ class Plan:
     steering: BiasSteering
     levels: list[Grid]  # grids holding modified layers
     folded: dict[Grid, list[int]]  # folded grid -> head dims of its modified layers
-    graph: Any = None
-    graph_capture: dict = field(default_factory=dict)
+    # Captured CUDA graphs by variant (with or without the semantic map), each with
+    # the tensors holding the riding references' K/V it writes.
+    graphs: dict[Any, tuple[Any, dict]] = field(default_factory=dict)
     pool: Any = None
 
     @classmethod
@@ -193,17 +194,21 @@ class Plan:
         return dict(self.refs.captured) if self.refs and self.refs.captured is not None else {}
 
     # -- the step ---------------------------------------------------------------------
-    def step(self, unet_call: Callable, calls: list[PreparedCall]) -> None:
+    def step(self, unet_call: Callable, calls: list[PreparedCall], with_map: bool = True
+             ) -> None:
         """The whole step as a function of the buffers: UNet, semantic maps, CFG, DDIM,
         for every job at once (one UNet batch; maps and guidance per job).
 
         One code path for RSA and RBA steps (a per-query bias gathered from a table
-        whose last row is RSA's), so a plan has a single CUDA graph / compiled graph.
+        whose last row is RSA's), so a plan has one CUDA graph / compiled graph per
+        variant: with the semantic map, or (`with_map` False: RSA steps before the last
+        one when no map is kept and region guidance is off) without recording any
+        attention map or computing the map.
         """
         b, lay = self.buffers, self.key.layout
         rows = lay.target_rows
         if self.recorder is not None:
-            self._steer()
+            self._steer(with_map)
         x = b.latents
         targets = x.repeat_interleave(rows, dim=0) if rows > 1 else x
         batch = targets if b.refs is None else torch.cat([targets, b.refs])
@@ -212,7 +217,7 @@ class Plan:
         preds, labels = [], []
         for j, call in enumerate(calls):
             hits = fore = None
-            if self.recorder is not None:
+            if self.recorder is not None and with_map:
                 hits, label, fore = step_map(
                     self.recorder, call, (b.token_bias[j], b.token_scale[j], b.label_of[j]),
                     job=j)
@@ -224,11 +229,11 @@ class Plan:
         if labels:
             b.labels.copy_(torch.stack(labels))
 
-    def _steer(self) -> None:
+    def _steer(self, with_map: bool = True) -> None:
         """Reset the map recorder and gather this step's per-query bias, per job (RSA's
         row on RSA steps, the job's last map's groups on RBA steps)."""
         b, st, n = self.buffers, self.steering, self.key.n
-        self.recorder.enabled = True
+        self.recorder.enabled = with_map
         self.recorder.reset()
         if self.refs.captured is not None:
             self.refs.captured.clear()

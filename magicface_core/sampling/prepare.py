@@ -16,7 +16,7 @@ from ..segmentation import token_tables
 from ..unet_layout import level_grid
 
 __all__ = ["PreparedCall", "prepare_call", "make_scheduler", "encode_prompt",
-           "noisy_references", "rsa_steps", "wants_foreground"]
+           "noisy_references", "rsa_steps", "wants_foreground", "needs_map"]
 
 Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -63,6 +63,15 @@ def rsa_steps(config: GenerationConfig) -> int:
     if config.preset == "authors" and config.guidance_scale <= 1.0:
         return config.steps
     return config.rsa_steps
+
+
+def needs_map(call: PreparedCall, step: int) -> bool:
+    """Whether step `step` needs the semantic map: from the last RSA step on (it drives
+    the next step's RBA), and at every step for region guidance or when every step's
+    map is kept."""
+    c = call.config
+    return bool(c.return_semantic_maps or c.region_guidance
+                or step >= call.rsa_steps - 1)
 
 
 def wants_foreground(config: GenerationConfig) -> bool:

@@ -17,7 +17,7 @@ from ..attention import (
     ReferenceKV,
     installed_processors,
 )
-from .prepare import PreparedCall, noisy_references
+from .prepare import PreparedCall, needs_map, noisy_references
 from .steps import SampleOutput, StepEndCallback, guided_noise, step_map
 
 __all__ = ["sample_reference"]
@@ -43,10 +43,7 @@ def sample_reference(unet, vae, call: PreparedCall,
             inp = scheduler.scale_model_input(torch.cat([latents] * layout.target_rows), t)
             if n:
                 steering.rba = i >= call.rsa_steps
-                # A map is needed from the last RSA step on (it drives the next step's
-                # RBA), and at every step for region guidance or when all are kept.
-                recorder.enabled = (config.return_semantic_maps or config.region_guidance
-                                    or i >= call.rsa_steps - 1)
+                recorder.enabled = needs_map(call, i)
                 recorder.reset()
                 inp = torch.cat([inp, scheduler.scale_model_input(noisy[i], t)])
             eps = unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]

@@ -272,3 +272,37 @@ def test_only_compiler_errors_switch_compilation_off(monkeypatch):
     fallback = pipe.generate(prompt, concepts, cfg)
     assert not pipe.is_compiled
     assert torch.equal(fallback.latents, eager.latents)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_rsa_steps_skip_the_map_when_nothing_reads_it(pipe, monkeypatch, fold):
+    """Preset "paper" (no region guidance) without kept maps: the steps before the last
+    RSA step record no attention map and make no semantic map; the image is the one
+    made with every map, and the reference loop's."""
+    import magicface_core.sampling.plan as plan_module
+
+    made: list[int] = []
+    real = plan_module.step_map
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "step_map", counting)
+    prompt, concepts = example_concepts("trio", 2)
+    cfg = GenerationConfig(steps=8, height=128, width=128, seed=2, alpha=0.5,
+                           preset="paper", return_semantic_maps=False)
+    with bias_form(pipe, fold=fold):
+        lean = pipe.generate(prompt, concepts, cfg)
+        assert lean.rsa_steps == 4 and lean.semantic_maps == []
+        assert len(made) == 8 - (4 - 1)  # from the last RSA step on
+        made.clear()
+        full = pipe.generate(prompt, concepts, cfg.replace(return_semantic_maps=True))
+        assert len(made) == 8
+    assert_latents_close(lean.latents, full.latents, rel=1e-6)
+    slow = pipe.generate(prompt, concepts, cfg.replace(fast_path=False))
+    assert_latents_close(lean.latents, slow.latents)
+    # Under "authors", region guidance reads the map at every step: nothing is skipped.
+    made.clear()
+    pipe.generate(prompt, concepts, cfg.replace(preset="authors"))
+    assert len(made) == 8

@@ -330,3 +330,32 @@ def test_a_stalled_body_is_dropped(redis_db, redis_server, tmp_path):
         assert b"request_timeout" in reply and time.monotonic() - started < 5
     finally:
         stack.stop()
+
+
+def test_jobs_batched_by_a_worker_and_a_batch_whose_worker_dies(redis_db, redis_server,
+                                                                tmp_path):
+    """Jobs queued through the gateway with one shape run as one batch (the gateway's
+    batch key, the worker's BATCH_MAX); a worker killed mid-batch fails every job of
+    the batch `worker_lost`, none stays running."""
+    # BATCH_WAIT_MS: the three long jobs are submitted one after another while the
+    # worker is idle; it waits for the others before starting the first.
+    stack = stack_for(tmp_path, "batch", REDIS_URL=redis_server, BATCH_MAX=3,
+                      BATCH_WAIT_MS=4000, STORAGE_URL=f"file://{tmp_path / 'store'}",
+                      REFERENCE_SEED=0, **FAST_WORKER)
+    try:
+        stack.start_gateway()
+        small = [stack.submit_job(trio_job(1), {**SMALL, "seed": s}) for s in (1, 2, 3)]
+        worker = stack.start_worker(wait=False)
+        for job in small:
+            done = stack.wait(job["id"], ("succeeded",), timeout=180)
+            assert done["reproducibility"]["timings_s"]["batch"] == 3, done
+        long = [stack.submit_job(trio_job(1), {**MID, "seed": s}) for s in (1, 2, 3)]
+        for job in long:
+            stack.wait(job["id"], ("running",), min_step=1, timeout=180)
+        stack.kill_worker(worker)
+        for job in long:
+            done = stack.wait(job["id"], ("failed",), timeout=4 + 10 + 10)
+            assert done["error"]["code"] == "worker_lost", done
+        assert stack.client.get("/v1/jobs").json()  # the gateway still answers
+    finally:
+        stack.stop()
