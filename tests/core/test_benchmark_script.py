@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -95,6 +97,7 @@ def test_attention_bench_cpu_smoke_run(tmp_path):
         assert cases[f"{level} N=1 folded/m32"] > 0
 
 
+@pytest.mark.slow  # about a minute: two fresh processes load and warm the model
 def test_batch_bench_cpu_smoke_run_covers_batching_and_cold_start(tmp_path):
     out = tmp_path / "batch.json"
     proc = subprocess.run(
