@@ -222,9 +222,11 @@ json.dump(latencies, open(out, "w"))
 
 
 def test_healthz_stays_fast_under_uploads(redis_db, redis_server, tmp_path):
-    """/healthz p99 under 50 ms while 50 uploads run against a warm gateway (measured
-    from a process of its own; before uploads moved off the event loop a probe waited
-    up to 858 ms)."""
+    """/healthz stays answered while 50 uploads run against a warm gateway (measured
+    from a process of its own): before uploads moved off the event loop a probe waited
+    up to 858 ms. The bound (p99 < 200 ms) catches that regression; it is not a speed
+    figure: on this 2-core machine p99 ranges 36-81 ms from run to run, the same for
+    the code before and after a change, so a tighter bound measures the machine."""
     import json
     import subprocess
     import sys
@@ -263,7 +265,7 @@ def test_healthz_stays_fast_under_uploads(redis_db, redis_server, tmp_path):
         print(f"healthz under 50 uploads: n={len(latencies)} median="
               f"{statistics.median(latencies) * 1000:.1f} ms p95={p95 * 1000:.1f} ms "
               f"p99={p99 * 1000:.1f} ms")
-        assert len(latencies) > 20 and p99 < 0.050
+        assert len(latencies) > 20 and p99 < 0.200
     finally:
         stop.touch()
         stack.stop()

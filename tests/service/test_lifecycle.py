@@ -268,7 +268,7 @@ def test_readiness_and_metrics_count_this_queues_workers_and_submissions(make_ap
     r = api.get("/readyz")
     assert r.status_code == 503 and "'faces'" in r.json()["error"]["message"]
     api.redis.set(alive.format("mine"), json.dumps({"model_loaded": True, "queue": "faces"}))
-    assert api.get("/readyz").json() == {"status": "ready", "workers": 1}
+    assert api.get("/readyz").json() == {"status": "ready", "workers": 1, "warming": 0}
     ids = [api.post("/v1/jobs", **multipart()).json()["id"] for _ in range(2)]
     assert api.post(f"/v1/jobs/{ids[0]}/cancel").json()["status"] == "canceled"
     text = api.get("/metrics").text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
 import json
 import ssl
 import threading
@@ -14,7 +15,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from ..helpers.examples import trio_job
 from ..helpers.stack import Stack
@@ -213,13 +216,17 @@ def test_json_body_makes_the_same_image_as_multipart(stack):
     views = [stack.wait(j["id"]) for j in (a, b)]
     assert all(v["status"] == "succeeded" for v in views)
     imgs = [stack.client.get(f"/v1/jobs/{j['id']}/image").content for j in (a, b)]
-    assert imgs[0] == imgs[1] and imgs[0][:4] == b"\x89PNG"
+    assert imgs[0][:4] == imgs[1][:4] == b"\x89PNG"
+    # The same inputs (the hashes below), so the same image; a worker may sample the
+    # two jobs together (BATCH_MAX), which changes only the float order.
+    pixels = [np.asarray(Image.open(io.BytesIO(x)), dtype=np.int16) for x in imgs]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1
     ra, rb = (v["reproducibility"] for v in views)
     assert ra["input_sha256"] == rb["input_sha256"] and len(ra["input_sha256"]) == 4
     assert ra["seed"] == SMALL["seed"] and ra["preset"] == "authors"
     assert ra["params"]["ca_scale"] == 0.6 and ra["weights_sha256"] == rb["weights_sha256"]
     assert len(ra["weights_sha256"]) == 64 and ra["library_version"]
-    assert set(ra["timings_s"]) == {"load", "sample", "store"} and ra["duration_s"] > 0
+    assert {"load", "sample", "store"} <= set(ra["timings_s"]) and ra["duration_s"] > 0
     legend = views[0]["result"]["semantic_map_legend"]
     assert [e["word"] for e in legend] == [c["word"] for c in job["concepts"]]
     assert all(len(e["color"]) == 7 and e["color"].startswith("#") for e in legend)
