@@ -444,32 +444,12 @@ class MagicFacePipeline:
         explicit noise by its content. `on_step_end(i, timestep, latents)` runs after
         each step and may return replacement latents.
         """
-        try:
-            result = self._sample(prompt, concepts, config, on_step, latents=latents,
-                                  reference_noise=reference_noise, on_step_end=on_step_end)
-            result.image = self.decode(result.latents)
-        finally:
-            self.maybe_free_model_hooks()
-        return result
-
-    def _sample(self, prompt: str, concepts: Sequence[Concept],
-                config: GenerationConfig | None, on_step: StepCallback | None, *,
-                latents: torch.Tensor | None, reference_noise: torch.Tensor | None,
-                on_step_end: StepEndCallback | None) -> MagicFaceResult:
-        """`generate` up to the final latents (no VAE decode: `image` is None), so that
-        `__call__` decodes its images in one batch, or not at all."""
-        request = GenerationRequest(prompt, concepts, config, on_step, latents=latents,
-                                    reference_noise=reference_noise, on_step_end=on_step_end)
-        with self._lock:
-            job = self._prepare(request)
-            # The steps: the fast loop, or the plain reference loop.
-            if job.fast:
-                out = self.fast_sampler.sample(job.call, self.vae, self.model_name, on_step,
-                                               self.kv_cache, self.use_cuda_graphs,
-                                               on_step_end)
-            else:
-                out = sample_reference(self.unet, self.vae, job.call, on_step, on_step_end)
-        return job.result(out)
+        out = self.generate_batch([GenerationRequest(
+            prompt, concepts, config, on_step, latents=latents,
+            reference_noise=reference_noise, on_step_end=on_step_end)], max_batch=1)[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def _prepare(self, r: GenerationRequest) -> _Prepared:
         """A request checked, resolved and prepared for a loop (the caller holds the

@@ -104,17 +104,6 @@ class FastSampler:
 
     # -- calls ------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, call: PreparedCall, vae, model_name: str,
-               on_step: Callable[[int, int], None] | None, cache: ReferenceKVCache | None,
-               use_graphs: bool, on_step_end: StepEndCallback | None = None) -> SampleOutput:
-        """One call; an exception raised by a callback propagates."""
-        out = self.sample_batch([call], vae, model_name, [on_step], cache, use_graphs,
-                                [on_step_end])[0]
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-    @torch.no_grad()
     def sample_batch(self, calls: Sequence[PreparedCall], vae, model_name: str,
                      on_steps: Sequence[Callable[[int, int], None] | None] | None = None,
                      cache: ReferenceKVCache | None = None, use_graphs: bool = False,
@@ -141,13 +130,13 @@ class FastSampler:
         layout, rows, slots = self._layout(calls, keys, cache)
         embeds = torch.cat([c.prompt_embeds for c in calls]
                            + [calls[j].reference_embeds[i : i + 1] for j, i, _ in rows])
-        plan = self._plan(calls, layout, [e for _, e in slots], embeds, use_graphs)
+        plan = self._plan(calls, layout, slots, embeds, use_graphs)
         plan.fill(calls, embeds)
         noisy = self._noisy(vae, calls, rows)
         keep = bool(first.n) and any(c.config.return_semantic_maps for c in calls)
         store = {row: [] for _, _, row in rows} if cache is not None else {}
-        maps, errors, finished = self._loop(plan, calls, noisy, [e for _, e in slots], store,
-                                            on_steps, on_step_ends, use_graphs, keep)
+        maps, errors, finished = self._loop(plan, calls, noisy, slots, store, on_steps,
+                                            on_step_ends, use_graphs, keep)
         if finished:
             by_row = {row: keys[j][i] for j, i, row in rows}
             for row, steps in store.items():
@@ -158,7 +147,7 @@ class FastSampler:
             if errors[j] is not None:
                 outputs.append(errors[j])
                 continue
-            hits = sum(src[0] == "slot" for src in (layout.source(j, i) for i in range(call.n)))
+            hits = layout.ref_rows[j].count(None)  # concepts read from the cache
             outputs.append(SampleOutput(
                 latents[j : j + 1].clone(),
                 list(maps[:, j]) if maps is not None and call.config.return_semantic_maps
@@ -188,7 +177,7 @@ class FastSampler:
                 cache: ReferenceKVCache | None):
         """The batch layout: a cache slot for each distinct cached reference, a row for
         each distinct other one (concept-major, so that a concept's rows are
-        consecutive). Returns (layout, rows [(job, concept, row)], slots [(key, entry)])."""
+        consecutive). Returns (layout, rows [(job, concept, row)], the slots' entries)."""
         n, rows_per_job = calls[0].n, calls[0].target_rows
         base = rows_per_job * len(calls)
         ref_rows = [[None] * n for _ in calls]
@@ -196,7 +185,7 @@ class FastSampler:
         row_of: dict[str, int] = {}
         slot_of: dict[str, int] = {}
         rows: list[tuple[int, int, int]] = []
-        slots: list[tuple[str, KVEntry]] = []
+        slots: list[KVEntry] = []
         for i in range(n):
             for j in range(len(calls)):
                 key = keys[j][i]
@@ -204,7 +193,7 @@ class FastSampler:
                     entry = cache.get(key) if cache is not None else None
                     if entry is not None:
                         slot_of[key] = len(slots)
-                        slots.append((key, entry))
+                        slots.append(entry)
                     else:
                         row_of[key] = base + len(rows)
                         rows.append((j, i, row_of[key]))
