@@ -196,8 +196,9 @@ def _save(content: bytes, path: str | Path | None) -> bytes:
 
 
 class _ProgressReporter:
-    """Calls `on_progress` once per new progress (polling sees the same step many times;
-    the stream and a poll after it may both report one step)."""
+    """What `wait` does with each stream event and each poll, in both clients. Calls
+    `on_progress` once per new progress (polling sees the same step many times; the
+    stream and a poll after it may both report one step)."""
 
     def __init__(self, on_progress: ProgressCallback | None):
         self.on_progress, self.last = on_progress, None
@@ -207,6 +208,27 @@ class _ProgressReporter:
             return
         self.last = progress
         self.on_progress(progress)
+
+    def event(self, event) -> Job | None:
+        """A stream event: progress reported; a terminal event's job (JobFailed unless
+        it succeeded)."""
+        if event.type == "progress":
+            self(event.data)
+        elif event.type in TERMINAL:
+            return _finished(event.data)
+        return None
+
+    def polled(self, job: Job) -> Job | None:
+        """A polled job: progress reported; the job once done (JobFailed unless it
+        succeeded)."""
+        self(job.progress)
+        return _finished(job.raw) if job.done else None
+
+
+def _poll_delay(deadline: float | None, job_id: str, poll_s: float) -> float:
+    """The wait before the next poll (TimeoutError once the deadline has passed)."""
+    _check_deadline(deadline, job_id)
+    return poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))
 
 
 # -- the clients ------------------------------------------------------------------------
@@ -348,21 +370,14 @@ class Client:
         report = _ProgressReporter(on_progress)
         try:
             for event in self._follow(job_id, None, deadline):
-                if event.type == "progress":
-                    report(event.data)
-                elif event.type in TERMINAL:
-                    return _finished(event.data)
+                if (done := report.event(event)) is not None:
+                    return done
         except (httpx.TransportError, ConnectionError, MagicFaceError) as e:
             if not _may_poll(e):
                 raise
-        while True:
-            job = self.get(job_id)
-            report(job.progress)
-            if job.done:
-                return _finished(job.raw)
-            _check_deadline(deadline, job_id)
-            time.sleep(poll_s if deadline is None
-                       else max(0.0, min(poll_s, deadline - time.monotonic())))
+        while (done := report.polled(self.get(job_id))) is None:
+            time.sleep(_poll_delay(deadline, job_id, poll_s))
+        return done
 
     def download(self, job_id: str, path: str | Path | None = None,
                  what: str = "image") -> bytes:
@@ -504,21 +519,14 @@ class AsyncClient:
         report = _ProgressReporter(on_progress)
         try:
             async for event in self._follow(job_id, None, deadline):
-                if event.type == "progress":
-                    report(event.data)
-                elif event.type in TERMINAL:
-                    return _finished(event.data)
+                if (done := report.event(event)) is not None:
+                    return done
         except (httpx.TransportError, ConnectionError, MagicFaceError) as e:
             if not _may_poll(e):
                 raise
-        while True:
-            job = await self.get(job_id)
-            report(job.progress)
-            if job.done:
-                return _finished(job.raw)
-            _check_deadline(deadline, job_id)
-            await asyncio.sleep(poll_s if deadline is None
-                                else max(0.0, min(poll_s, deadline - time.monotonic())))
+        while (done := report.polled(await self.get(job_id))) is None:
+            await asyncio.sleep(_poll_delay(deadline, job_id, poll_s))
+        return done
 
     async def download(self, job_id: str, path: str | Path | None = None,
                        what: str = "image") -> bytes:
