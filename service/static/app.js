@@ -698,12 +698,17 @@
         if (!type.startsWith('text/event-stream') || !resp.body) return null;
         setTransport('events');
         parser.reset();
-        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+        // Read and decode here rather than through a TextDecoderStream: when the
+        // connection drops, a pipe errors its readable side and discards what it still
+        // holds, which can be the event just received, and then the resume asks for
+        // it again or not at all.
+        const reader = resp.body.getReader();
+        const decoder = new TextDecoder();
         try {
           while (!terminal) {
             const { value, done } = await reader.read();
             if (done) break;
-            for (const ev of parser.push(value)) {
+            for (const ev of parser.push(decoder.decode(value, { stream: true }))) {
               gotEvent = true;
               failures = 0;
               terminal = handleEvent(job, ev);
