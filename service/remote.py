@@ -3,8 +3,11 @@
 A client-supplied URL must not reach the service's own network (SSRF): every address
 its host resolves to must be public, unless the operator allows private ones
 (WEBHOOK_ALLOW_PRIVATE / INPUT_URL_ALLOW_PRIVATE, e.g. for tests or an internal
-deployment). Redirects are followed by hand, each hop checked again, and the address
-actually connected to is checked before a response body is read.
+deployment). The name is resolved once and the request is sent to an address that
+was checked (`pinned_stream`), with the name kept for the Host header and for TLS (SNI
+and certificate): a name that resolves to a public address when checked and to a
+private one a moment later (DNS rebinding) cannot steer the request inside. Redirects
+are followed by hand, each hop checked and pinned again.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import binascii
 import ipaddress
 import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 __all__ = ["AddressRefused", "FetchError", "check_url", "fetch_url", "decode_data_uri",
-           "is_public"]
+           "is_public", "pinned_stream", "resolve"]
 
 MAX_REDIRECTS = 3
 
@@ -45,6 +50,22 @@ def check_url(url: str, *, schemes: tuple[str, ...], allow_private: bool,
     """The URL's host, once the URL is well formed, its scheme allowed, its host in
     `hosts` (when given) and every address it resolves to public (unless
     `allow_private`). Raises AddressRefused with a client-readable reason."""
+    host, _ = _checked(url, schemes=schemes, allow_private=allow_private, hosts=hosts,
+                       resolve_private=False)
+    return host
+
+
+def resolve(url: str, *, schemes: tuple[str, ...], allow_private: bool,
+            hosts: frozenset[str] | None = None) -> list[str]:
+    """The addresses to connect to for `url`, in the resolver's order, after the checks
+    of `check_url` (every one public unless `allow_private`)."""
+    _, addresses = _checked(url, schemes=schemes, allow_private=allow_private, hosts=hosts,
+                            resolve_private=True)
+    return addresses
+
+
+def _checked(url: str, *, schemes: tuple[str, ...], allow_private: bool,
+             hosts: frozenset[str] | None, resolve_private: bool) -> tuple[str, list[str]]:
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -59,22 +80,47 @@ def check_url(url: str, *, schemes: tuple[str, ...], allow_private: bool,
         raise AddressRefused("credentials in the URL are not accepted")
     if hosts is not None and host not in hosts:
         raise AddressRefused(f"host {host} is not in the allowed list")
-    if allow_private:
-        return host
+    if allow_private and not resolve_private:
+        return host, []
     try:
         infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80),
                                    type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise AddressRefused(f"host {host} does not resolve") from None
-    if not infos or not all(is_public(i[4][0]) for i in infos):
+    addresses = list(dict.fromkeys(str(i[4][0]) for i in infos))
+    if not addresses or not (allow_private or all(is_public(a) for a in addresses)):
         raise AddressRefused(f"host {host} resolves to a private or local address")
-    return host
+    return host, addresses
 
 
-def _peer(response: httpx.Response) -> str | None:
-    stream = response.extensions.get("network_stream")
-    addr = stream.get_extra_info("server_addr") if stream is not None else None
-    return addr[0] if addr else None
+@contextmanager
+def pinned_stream(client: httpx.Client, method: str, url: str, *,
+                  schemes: tuple[str, ...], allow_private: bool,
+                  hosts: frozenset[str] | None = None, **kwargs) -> Iterator[httpx.Response]:
+    """`client.stream(method, url, ...)` sent to the addresses `resolve` checked, tried
+    in order while the connection is refused (nothing has been sent then), never to
+    an address looked up afresh. Raises AddressRefused before connecting anywhere."""
+    addresses = resolve(url, schemes=schemes, allow_private=allow_private, hosts=hosts)
+    target = httpx.URL(url)
+    # The pool knows the connection by address only: closing it keeps a connection
+    # whose TLS proved one name from carrying a request for another name later.
+    headers = {**kwargs.pop("headers", {}), "host": target.netloc.decode("ascii"),
+               "connection": "close"}
+    extensions = {"sni_hostname": target.raw_host.decode("ascii")}
+    response = None
+    for address in addresses:
+        request = client.build_request(method, target.copy_with(host=address),
+                                       headers=headers, extensions=extensions, **kwargs)
+        try:
+            response = client.send(request, stream=True)
+            break
+        except httpx.ConnectError:
+            if address == addresses[-1]:
+                raise
+    try:
+        yield response
+    finally:
+        response.close()
 
 
 def fetch_url(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool,
@@ -83,12 +129,9 @@ def fetch_url(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool
     `timeout_s` per request, following at most MAX_REDIRECTS checked redirects."""
     with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            check_url(url, schemes=("https",), allow_private=allow_private, hosts=hosts)
             try:
-                with client.stream("GET", url) as r:
-                    peer = _peer(r)
-                    if not allow_private and peer is not None and not is_public(peer):
-                        raise AddressRefused("the host connected to a private address")
+                with pinned_stream(client, "GET", url, schemes=("https",),
+                                   allow_private=allow_private, hosts=hosts) as r:
                     if r.is_redirect:
                         url = urljoin(url, r.headers.get("location", ""))
                         continue

@@ -87,17 +87,19 @@ class Deliverer:
                            "data": json.loads(fields[b"data"])}).encode()
         status_code, error = None, None
         try:
-            # Checked at every attempt: the name may resolve elsewhere by now.
-            remote.check_url(url, schemes=("https", "http"),
-                      allow_private=self.settings.webhook_allow_private)
             ts = int(time.time())
-            r = self.http.post(url, content=body, headers={
-                "content-type": "application/json", "webhook-id": did,
-                "webhook-timestamp": str(ts),
-                "webhook-signature": webhooks.signature_header(self.secrets, did, ts, body)})
-            status_code = r.status_code
-            if not 200 <= r.status_code < 300:
-                error = f"HTTP {r.status_code}"
+            # Resolved and checked at every attempt (the name may resolve elsewhere by
+            # now), and sent to the address checked.
+            with remote.pinned_stream(
+                    self.http, "POST", url, schemes=("https", "http"),
+                    allow_private=self.settings.webhook_allow_private, content=body,
+                    headers={"content-type": "application/json", "webhook-id": did,
+                             "webhook-timestamp": str(ts),
+                             "webhook-signature": webhooks.signature_header(
+                                 self.secrets, did, ts, body)}) as r:
+                status_code = r.status_code
+            if not 200 <= status_code < 300:
+                error = f"HTTP {status_code}"
         except remote.AddressRefused as e:
             error = f"refused: {e}"
         except httpx.HTTPError as e:
