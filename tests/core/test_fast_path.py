@@ -177,6 +177,7 @@ def test_cache_budget_evicts_least_recently_used():
     assert cache.get("zzz") is None and cache.stats.misses == 1
 
 
+@pytest.mark.slow  # inductor compiles for about 4 minutes on a 2-core CPU; runs in .ci/run
 def test_compiled_path_equals_eager():
     pipe = MagicFacePipeline.tiny(seed=0)
     prompt, concepts = example_concepts("trio", 2)
