@@ -32,7 +32,28 @@ from .sweeper import sweep_if_due
 log = logging.getLogger("magicface.worker")
 
 
+class MagicFaceJob(Job):
+    """A job whose function is this worker's `tasks.generate` under whichever path its
+    gateway named it: `worker.tasks.generate` from a checkout or the image,
+    `magicface_server.worker.tasks.generate` from the wheel, so a gateway and a worker
+    installed differently still agree. A job naming any other function is refused (it
+    fails) rather than imported and run."""
+
+    @property
+    def func(self):
+        name = self.func_name
+        if name == TASK or (name or "").endswith("." + TASK):
+            return tasks.generate
+        raise ValueError(f"{name!r} is not this worker's task ({TASK})")
+
+
+# The job function the gateway queues, less the package it is installed under.
+TASK = "worker.tasks.generate"
+
+
 class MagicFaceWorker(SimpleWorker):
+    job_class = MagicFaceJob
+
     def __init__(self, queues, *, settings: Settings, connection: Redis, model: str,
                  storage: Storage | None = None, **kwargs):
         self.settings = settings

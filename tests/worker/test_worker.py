@@ -281,3 +281,27 @@ def test_no_checker_weights_means_no_checker(runtime):
     rt, _ = runtime
     settings = rt.settings.model_copy(update={"safety_checker": "block"})
     assert load_safety_checker(settings, "cpu", logging.getLogger("test")) is None
+
+
+def test_a_job_named_as_a_wheel_install_names_it_runs_here(runtime, monkeypatch):
+    """A gateway installed from the wheel queues `magicface_server.worker.tasks.generate`;
+    a worker from a checkout (or the image) runs it all the same."""
+    rt, queue = runtime
+    monkeypatch.setattr(jobs, "JOB_FUNC", "magicface_server.worker.tasks.generate")
+    job = submit(rt.storage, queue)
+    assert job.func_name == "magicface_server.worker.tasks.generate"
+    run_burst(rt, queue)
+    assert describe(job, queue)["status"] == "succeeded"
+
+
+def test_a_job_naming_another_function_fails_without_running_it(runtime, tmp_path):
+    """Whatever sits in the queue, the worker runs only its own task."""
+    rt, queue = runtime
+    victim = tmp_path / "keep.txt"
+    victim.write_text("still here")
+    job = queue.enqueue_call("os.remove", args=(str(victim),), job_id=jobs.new_job_id())
+    run_burst(rt, queue)
+    job.refresh()
+    assert job.get_status() == "failed"
+    assert "is not this worker's task" in (job.latest_result().exc_string or "")
+    assert victim.read_text() == "still here"
