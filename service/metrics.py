@@ -59,6 +59,13 @@ class RedisCollector:
                                   "Wall time of finished jobs on the worker")
         h.add_metric([], buckets, sum_value=hist.get("sum", 0.0))
         yield h
+        for name, text in (("sampling_batches", "Sampling runs on the workers: one per lone "
+                                                "job, one per batch of jobs"),
+                           ("sampled_jobs", "Jobs sampled, alone or in batches (over "
+                                            "magicface_sampling_batches: the mean batch)")):
+            c = CounterMetricFamily(f"magicface_{name}", text)
+            c.add_metric([], counters.get(name, 0.0))
+            yield c
         for name in ("hits", "misses"):
             c = CounterMetricFamily(f"magicface_kv_cache_{name}",
                                     f"Reference K/V cache {name} reported by workers")

@@ -84,6 +84,12 @@ def _count(rt: Runtime, name: str, amount: float = 1) -> None:
         log.warning("metrics: %s not counted: %s", name, e)
 
 
+def _count_sampling(rt: Runtime, jobs_sampled: int) -> None:
+    """One sampling run of `jobs_sampled` jobs (their ratio is the mean batch)."""
+    _count(rt, "sampling_batches")
+    _count(rt, "sampled_jobs", jobs_sampled)
+
+
 def _fail(rt: Runtime, job, code: ErrorCode, message: str) -> JobFailed:
     job.meta["state"] = JobState.FAILED.value
     job.meta["error"] = {"code": code.value, "message": message}
@@ -182,6 +188,7 @@ def generate(job_id: str) -> dict:
         begun = begin(rt, job, job_id)
         if not isinstance(begun, Begun):
             return begun
+        _count_sampling(rt, 1)
         t = time.monotonic()
         try:
             res = run(rt, job, job_id, begun.prompt, begun.concepts, begun.config)
@@ -218,6 +225,7 @@ def generate_batch(rt: Runtime, batch: list) -> dict[str, Outcome]:
                                       on_step=_reporter(rt, job, job.id, b.config,
                                                         len(b.concepts)))
                     for job, b in ready]
+        _count_sampling(rt, len(requests))
         t = time.monotonic()
         try:
             results = rt.pipe.generate_batch(requests, max_batch=len(requests))

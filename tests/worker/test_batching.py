@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import jobs, keys
+from service import jobs, keys, metrics
 from service.storage import input_key, request_key
 
 from ..helpers.examples import trio_job
@@ -41,6 +41,13 @@ def image_of(rt, job) -> np.ndarray:
 def batch_size(job) -> int | None:
     job.refresh()
     return job.meta["reproducibility"]["timings_s"].get("batch")
+
+
+def sampling_counts(rt) -> tuple[float, float]:
+    """The workers' (sampling runs, jobs sampled) counters."""
+    counts = rt.redis.hgetall(keys.METRICS_KEY)
+    return tuple(float(counts.get(k.encode(), 0)) for k in ("sampling_batches",
+                                                             "sampled_jobs"))
 
 
 @pytest.fixture
@@ -73,9 +80,15 @@ def test_queued_jobs_of_one_key_run_as_one_batch_with_their_solo_images(batching
              {"seed": 3}, {"seed": 4}, {"seed": 5}]
     want = solo_images(rt, queue, specs)
     batched = [submit(rt, queue, **spec) for spec in specs]
+    before = sampling_counts(rt)
     run_burst(rt, queue)
     # BATCH_MAX=4: the first four together, the fifth alone.
     assert [batch_size(j) for j in batched] == [4, 4, 4, 4, None]
+    after = sampling_counts(rt)
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 5)
+    text = metrics.render(rt.redis, queue).decode()
+    assert f"magicface_sampling_batches_total {after[0]}" in text
+    assert f"magicface_sampled_jobs_total {after[1]}" in text
     for job, w in zip(batched, want, strict=True):
         view = describe(job, queue)
         assert view["status"] == "succeeded", view
