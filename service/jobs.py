@@ -44,7 +44,7 @@ from .schemas import (
     Reproducibility,
 )
 
-__all__ = ["JOB_FUNC", "JobError", "JobNotFound", "JobFinished", "IdempotencyConflict",
+__all__ = ["JOB_FUNC", "TASK", "JobError", "JobNotFound", "JobFinished", "IdempotencyConflict",
            "new_job_id", "enqueue", "fetch", "status_of", "describe", "cancel",
            "remember_idempotency", "lookup_idempotency", "idempotency_name", "ANONYMOUS",
            "live_workers", "mean_duration", "publish_end", "list_jobs", "delete", "purge",
@@ -52,8 +52,9 @@ __all__ = ["JOB_FUNC", "JobError", "JobNotFound", "JobFinished", "IdempotencyCon
 
 # The worker's job function, beside this package: `worker.tasks.generate` in a checkout
 # or the image, `magicface_server.worker.tasks.generate` when installed from the wheel.
+TASK = "worker.tasks.generate"
 _ROOT = (__package__ or "service").rpartition(".")[0]
-JOB_FUNC = f"{_ROOT}.worker.tasks.generate" if _ROOT else "worker.tasks.generate"
+JOB_FUNC = f"{_ROOT}.{TASK}" if _ROOT else TASK
 # The owner of jobs made without API keys configured.
 ANONYMOUS = "public"
 # Job ids are ours (uuid4 hex): anything else is unknown before RQ sees it (RQ refuses

@@ -50,8 +50,9 @@ def check_url(url: str, *, schemes: tuple[str, ...], allow_private: bool,
     """The URL's host, once the URL is well formed, its scheme allowed, its host in
     `hosts` (when given) and every address it resolves to public (unless
     `allow_private`). Raises AddressRefused with a client-readable reason."""
-    host, _ = _checked(url, schemes=schemes, allow_private=allow_private, hosts=hosts,
-                       resolve_private=False)
+    host, port = _parse(url, schemes=schemes, hosts=hosts)
+    if not allow_private:
+        _addresses(host, port, allow_private=False)
     return host
 
 
@@ -59,13 +60,14 @@ def resolve(url: str, *, schemes: tuple[str, ...], allow_private: bool,
             hosts: frozenset[str] | None = None) -> list[str]:
     """The addresses to connect to for `url`, in the resolver's order, after the checks
     of `check_url` (every one public unless `allow_private`)."""
-    _, addresses = _checked(url, schemes=schemes, allow_private=allow_private, hosts=hosts,
-                            resolve_private=True)
-    return addresses
+    host, port = _parse(url, schemes=schemes, hosts=hosts)
+    return _addresses(host, port, allow_private=allow_private)
 
 
-def _checked(url: str, *, schemes: tuple[str, ...], allow_private: bool,
-             hosts: frozenset[str] | None, resolve_private: bool) -> tuple[str, list[str]]:
+def _parse(url: str, *, schemes: tuple[str, ...],
+           hosts: frozenset[str] | None) -> tuple[str, int]:
+    """The URL's host and port, once it is well formed, its scheme allowed and its host
+    in `hosts` (when given)."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -80,17 +82,19 @@ def _checked(url: str, *, schemes: tuple[str, ...], allow_private: bool,
         raise AddressRefused("credentials in the URL are not accepted")
     if hosts is not None and host not in hosts:
         raise AddressRefused(f"host {host} is not in the allowed list")
-    if allow_private and not resolve_private:
-        return host, []
+    return host, port or (443 if parts.scheme == "https" else 80)
+
+
+def _addresses(host: str, port: int, *, allow_private: bool) -> list[str]:
+    """The host's addresses, each public unless `allow_private`."""
     try:
-        infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise AddressRefused(f"host {host} does not resolve") from None
     addresses = list(dict.fromkeys(str(i[4][0]) for i in infos))
     if not addresses or not (allow_private or all(is_public(a) for a in addresses)):
         raise AddressRefused(f"host {host} resolves to a private or local address")
-    return host, addresses
+    return addresses
 
 
 @contextmanager

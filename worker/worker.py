@@ -42,13 +42,9 @@ class MagicFaceJob(Job):
     @property
     def func(self):
         name = self.func_name
-        if name == TASK or (name or "").endswith("." + TASK):
+        if name == jobs.TASK or (name or "").endswith("." + jobs.TASK):
             return tasks.generate
-        raise ValueError(f"{name!r} is not this worker's task ({TASK})")
-
-
-# The job function the gateway queues, less the package it is installed under.
-TASK = "worker.tasks.generate"
+        raise ValueError(f"{name!r} is not this worker's task ({jobs.TASK})")
 
 
 class MagicFaceWorker(SimpleWorker):
