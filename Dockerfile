@@ -1,16 +1,18 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
 #   docker build --target gateway -t magicface-gateway .   # slim: no torch, no CUDA
-#   docker build --target worker  -t magicface-worker .    # CUDA + torch, one per GPU
-# Dependencies are installed before the source is copied, so an edit to the code
-# rebuilds only the last layers (never torch).
+#   docker build --target worker  -t magicface-worker .    # torch + its CUDA wheels
+# Every install is pinned by constraints.txt (the versions the test suite passed with).
+# Dependencies go in before the source is copied, so an edit to the code rebuilds only
+# the last layers (never torch). The project's version is the installed package's
+# (magicface_core/version.py): /healthz and the OpenAPI document report it.
 
 # ---- the project's files, once (both images copy them from here) ----------------------
 FROM scratch AS source
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md constraints.txt /src/
+COPY server /src/server
 COPY magicface_core /src/magicface_core
 COPY magicface_client /src/magicface_client
-COPY server_namespace /src/server_namespace
 COPY service /src/service
 COPY worker /src/worker
 
@@ -18,12 +20,13 @@ COPY worker /src/worker
 FROM python:3.11.10-slim-bookworm AS gateway
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
+COPY constraints.txt ./
 COPY deploy/requirements-gateway.txt ./deploy/
-RUN pip install -r deploy/requirements-gateway.txt
+RUN pip install -c constraints.txt -r deploy/requirements-gateway.txt
 COPY --from=source /src ./
 # --no-deps: the library's torch/diffusers stay out; the gateway imports only its
 # torch-free modules (a test installs this set in a fresh venv and checks).
-RUN pip install --no-deps . \
+RUN pip install --no-deps . ./server \
     && useradd --create-home --uid 10001 magicface
 USER magicface
 ENV HOST=0.0.0.0 PORT=8000 S3_CREATE_BUCKET=false
@@ -33,18 +36,18 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
 CMD ["python", "-m", "service"]
 
 # ---- worker -------------------------------------------------------------------------
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS worker
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
-# torch first, on its own layer: gigabytes that no source edit should invalidate.
-RUN pip install "torch==2.14.1" "torchvision==0.29.1"
+# A plain Python base: torch's wheels carry their own CUDA runtime (the nvidia-* wheels
+# pinned in constraints.txt), so no CUDA base image can disagree with them; the NVIDIA
+# container toolkit mounts the host's driver, which these two variables ask for.
+FROM python:3.11.10-slim-bookworm AS worker
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /app
+COPY constraints.txt ./
+# torch first, on its own layer: gigabytes that no source edit should invalidate.
+RUN pip install -c constraints.txt torch torchvision
 COPY --from=source /src ./
-RUN pip install ".[service,sam]"
+RUN pip install -c constraints.txt . "./server[sam]"
 # The model cache (HF_HOME) and the compile cache live on volumes owned by the app user:
 # a volume mounted on a path the image created inherits its owner.
 RUN useradd --create-home --uid 10001 magicface \

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from magicface_core.version import __version__
+
 from .models import (
     TERMINAL,
     Concept,
@@ -32,7 +34,7 @@ from .sse import Event, SSEParser
 
 __all__ = ["Client", "AsyncClient", "ProgressCallback", "VERSION"]
 
-VERSION = "0.1.0"
+VERSION = __version__
 ProgressCallback = Callable[[dict], None]
 # A dropped event stream is reopened this many times in a row before giving up; any
 # event received resets the count, so a long job survives many separate drops.

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 from .config import Concept, GenerationConfig
 from .errors import MagicFaceInputError
+from .version import __version__
 
 if TYPE_CHECKING:
     from .output import MagicFacePipelineOutput
     from .pipeline import MagicFacePipeline, MagicFaceResult, load_pipeline
 
 __all__ = ["Concept", "GenerationConfig", "MagicFaceInputError", "MagicFacePipeline",
-           "MagicFaceResult", "MagicFacePipelineOutput", "load_pipeline"]
-__version__ = "0.1.0"
+           "MagicFaceResult", "MagicFacePipelineOutput", "load_pipeline", "__version__"]
 
 
 def __getattr__(name: str):

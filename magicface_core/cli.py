@@ -4,6 +4,8 @@ from the command line."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -200,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "<name>_maps_step<NNN>.png (default: the final map only)")
     _model_options(r)
     _sampling_options(r, run=True)
+
+    sub.add_parser("serve", add_help=False,
+                   help="run the service on this machine: Redis (when none answers), the "
+                        "gateway and workers, until Ctrl-C (`magicface serve --help`; needs "
+                        "the magicface-server distribution)")
 
     e = sub.add_parser("eval", help="CLIP-T, CLIP-I, DINO and face similarity of results",
                        description="The paper's metrics over a results folder.",
@@ -525,9 +532,24 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(rest: list[str]) -> int:
+    """`magicface serve ...` is `python -m service.stack ...`: the stack belongs to the
+    server distribution, so the method package hands over to it instead of importing it."""
+    if importlib.util.find_spec("service") is None:
+        print("magicface: error: serve needs the server: pip install -c constraints.txt "
+              "./server (the magicface-server distribution, from the repository)",
+              file=sys.stderr)
+        return 2
+    os.execv(sys.executable, [sys.executable, "-m", "service.stack", *rest])
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done; 2 bad input or a model that cannot be had (nothing was
     generated: the user fixes the command); 1 `run` finished but some examples failed."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
     args = build_parser().parse_args(argv)
     commands = {"generate": _generate, "run": _run, "eval": _eval}
     try:

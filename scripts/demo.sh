@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-if ! command -v redis-server >/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+if ! command -v redis-server >/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && [ -z "${REDIS_URL:-}" ]; then
     echo "installing redis-server (Debian package)"
     apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
 fi

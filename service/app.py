@@ -24,6 +24,8 @@ from redis.exceptions import RedisError
 from rq import Queue
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from magicface_core.version import __version__
+
 from . import jobs
 from .api import openapi
 from .api.middleware import GatewayMiddleware
@@ -44,7 +46,7 @@ HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout
 def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
                storage: Storage | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="MagicFace", version="1.0.0",
+    app = FastAPI(title="MagicFace", version=__version__,
                   description="Training-free universal-style human image customization: "
                               "submit a prompt and one reference per concept; follow the "
                               "job by polling, server-sent events or signed webhooks; "

@@ -50,11 +50,8 @@ __all__ = ["JOB_FUNC", "TASK", "JobError", "JobNotFound", "JobFinished", "Idempo
            "live_workers", "mean_duration", "publish_end", "list_jobs", "delete", "purge",
            "expire", "expire_if_due", "legend", "Webhook", "InvalidCursor"]
 
-# The worker's job function, beside this package: `worker.tasks.generate` in a checkout
-# or the image, `magicface_server.worker.tasks.generate` when installed from the wheel.
-TASK = "worker.tasks.generate"
-_ROOT = (__package__ or "service").rpartition(".")[0]
-JOB_FUNC = f"{_ROOT}.{TASK}" if _ROOT else TASK
+# The worker's job function (the `worker` package of the magicface-server distribution).
+TASK = JOB_FUNC = "worker.tasks.generate"
 # The owner of jobs made without API keys configured.
 ANONYMOUS = "public"
 # Job ids are ours (uuid4 hex): anything else is unknown before RQ sees it (RQ refuses

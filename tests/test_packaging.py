@@ -1,7 +1,8 @@
-"""The wheel a user installs: the library, the client and the server under the
-distribution's own names (`magicface_server.service`, `magicface_server.worker`), no
-generic top-level `service` or `worker`, the console scripts, the web page's files;
-installed on its own, the gateway and the worker find each other under those names."""
+"""The two distributions a user installs: `magicface` (the library, the CLI, the client)
+and `magicface-server` (`service` and `worker`, plain top-level packages), one version
+string for both, their console scripts and the web page's files; installed on their own,
+outside the checkout, the worker and the gateway import each other plainly. pip itself
+refuses an RQ the server's code cannot run on."""
 
 from __future__ import annotations
 
@@ -14,58 +15,128 @@ from pathlib import Path
 
 import pytest
 
+from magicface_core.version import __version__
+
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGED = ("magicface_core", "magicface_client", "service", "worker")
+
+
+def _top_levels(wheel: Path) -> set[str]:
+    names = zipfile.ZipFile(wheel).namelist()
+    return {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+
+
+def _entry_points(wheel: Path) -> str:
+    z = zipfile.ZipFile(wheel)
+    return z.read(next(n for n in z.namelist() if n.endswith("entry_points.txt"))).decode()
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def wheels(tmp_path_factory) -> dict[str, Path]:
     # Built from a copy of the packaged files: setuptools' build/ folder in the checkout
     # would otherwise keep files the tree no longer has.
     src = tmp_path_factory.mktemp("src")
-    for rel in ["pyproject.toml", "README.md"]:
+    for rel in ["pyproject.toml", "README.md", "server/pyproject.toml", "server/README.md"]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, src / rel)
-    for folder in ("magicface_core", "magicface_client", "server_namespace", "service",
-                   "worker"):
+    for folder in PACKAGED:
         shutil.copytree(ROOT / folder, src / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out),
-                    str(src)], check=True, capture_output=True)
-    return next(out.glob("magicface-*.whl"))
+                    str(src), str(src / "server")], check=True, capture_output=True)
+    return {"library": next(out.glob("magicface-*.whl")),
+            "server": next(out.glob("magicface_server-*.whl"))}
 
 
-def test_the_wheel_has_no_generic_top_level_names(wheel):
+def test_the_library_wheel_holds_the_method_the_cli_and_the_client(wheels):
+    wheel = wheels["library"]
+    assert wheel.name.startswith(f"magicface-{__version__}-")
+    assert _top_levels(wheel) == {"magicface_core", "magicface_client"}
+    assert "magicface = magicface_core.cli:main" in _entry_points(wheel)
+
+
+def test_the_server_wheel_holds_the_gateway_and_the_worker(wheels):
+    wheel = wheels["server"]
+    assert wheel.name.startswith(f"magicface_server-{__version__}-")
+    assert _top_levels(wheel) == {"service", "worker"}
     names = zipfile.ZipFile(wheel).namelist()
-    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"magicface_core", "magicface_client", "magicface_server"}, tops
-    assert "magicface_server/service/static/index.html" in names
-    assert "magicface_server/worker/tasks.py" in names
-    entry = next(n for n in names if n.endswith("entry_points.txt"))
-    scripts = zipfile.ZipFile(wheel).read(entry).decode()
-    for line in ("magicface = magicface_core.cli:main",
-                 "magicface-gateway = magicface_server.service.__main__:main",
-                 "magicface-worker = magicface_server.worker.__main__:main"):
+    assert "service/static/index.html" in names and "worker/tasks.py" in names
+    scripts = _entry_points(wheel)
+    for line in ("magicface-gateway = service.__main__:main",
+                 "magicface-worker = worker.__main__:main",
+                 "magicface-serve = service.stack:main"):
         assert line in scripts
+    meta = zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "Requires-Dist: rq<4,>=3.0" in meta, meta
 
 
-def test_installed_gateway_queues_the_installed_worker(wheel, tmp_path):
+def test_installed_gateway_and_worker_import_each_other_plainly(wheels, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True)
+                    str(target), str(wheels["library"]), str(wheels["server"])],
+                   check=True, capture_output=True)
     code = (
-        "import importlib.util, magicface_server.service.jobs as j, "
-        "magicface_server.worker._service as s, magicface_server.service.app as a\n"
+        "import service.jobs as j, service.app as a, worker.tasks as t, worker.worker as w\n"
+        "import magicface_client, magicface_core\n"
         f"assert j.__file__.startswith({str(target)!r}), j.__file__\n"
-        "assert j.JOB_FUNC == 'magicface_server.worker.tasks.generate', j.JOB_FUNC\n"
-        "assert s.PACKAGE == 'magicface_server.service' and s.jobs is j\n"
+        "assert j.JOB_FUNC == 'worker.tasks.generate', j.JOB_FUNC\n"
+        "assert t.jobs is j and w.jobs is j\n"
         "assert (a.STATIC / 'index.html').is_file()\n"
-        "assert importlib.util.find_spec('service') is None\n"
-        "assert importlib.util.find_spec('worker') is None\n"
-        "import magicface_server.worker.tasks as t\n"
-        "assert t.jobs is j\n"
+        f"assert magicface_core.__version__ == magicface_client.__version__ == {__version__!r}\n"
+        "assert a.create_app.__module__ == 'service.app'\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     # Run outside the checkout: its folders must not be what gets imported.
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_no_module_reaches_the_gateway_through_importlib():
+    """Plain imports only between the server's packages (readers and type checkers
+    follow them): no importlib indirection and no re-exporting shim."""
+    for folder in ("service", "worker"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "import_module(" not in text, path
+    assert not (ROOT / "worker" / "_service.py").exists()
+    assert not (ROOT / "server_namespace").exists()
+
+
+def _fake_rq_wheel(folder: Path, version: str) -> Path:
+    """A metadata-only `rq` of the given version: what pip's resolver sees of a release,
+    offline. Installing it is never the point; resolving against it is."""
+    src = folder / f"rq-{version}"
+    (src / "rq_placeholder").mkdir(parents=True)
+    (src / "rq_placeholder" / "__init__.py").write_text("")
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = '
+        '"setuptools.build_meta"\n'
+        f'[project]\nname = "rq"\nversion = "{version}"\n'
+        '[tool.setuptools]\npackages = ["rq_placeholder"]\n')
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(folder), str(src)], check=True, capture_output=True)
+    return next(folder.glob(f"rq-{version}-*.whl"))
+
+
+def test_pip_refuses_rq_2_beside_the_server(wheels, tmp_path):
+    """RQ 2.x lacks the worker lifecycle the server uses: its bound makes pip refuse the
+    pair at install time instead of every job raising TypeError at run time."""
+    links = tmp_path / "links"
+    links.mkdir()
+    _fake_rq_wheel(links, "2.6.0")
+    shutil.copy(wheels["server"], links)
+    base = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-q",
+            "--find-links", str(links)]
+    refused = subprocess.run([*base, "magicface-server", "rq==2.6.0"], capture_output=True,
+                             text=True)
+    assert refused.returncode != 0
+    assert "rq" in refused.stderr and "conflict" in refused.stderr.lower(), refused.stderr
+    # The control: the same resolution with the RQ this environment runs goes through.
+    import rq
+
+    allowed = subprocess.run([*base, "magicface-server", f"rq=={rq.__version__}"],
+                             capture_output=True, text=True)
+    assert allowed.returncode == 0, allowed.stderr

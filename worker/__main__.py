@@ -8,8 +8,11 @@ import time
 from redis import Redis
 from rq import Queue
 
+from service.settings import Settings
+from service.storage import open_storage
+from service.validation import Params
+
 from . import tasks
-from ._service import Params, Settings, open_storage
 from .warmup import open_compile_cache, parse_shapes, plans_needed, save_compile_cache, warm_up
 from .worker import MagicFaceWorker
 

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from ._service import Settings
+from service.settings import Settings
 
 
 def main() -> int:

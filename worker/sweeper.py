@@ -12,7 +12,7 @@ import time
 from redis import Redis
 from rq.job import Job
 
-from ._service import Storage
+from service.storage import Storage
 
 __all__ = ["sweep", "sweep_if_due", "SWEEP_LOCK"]
 

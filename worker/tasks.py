@@ -19,24 +19,20 @@ from pydantic import ValidationError
 from redis import Redis
 from rq import get_current_job
 
-from ._service import (
-    ErrorCode,
-    EventType,
-    JobState,
-    Params,
-    Settings,
+from service import events, jobs, keys, metrics
+from service.schemas import ErrorCode, EventType, JobState
+from service.settings import Settings
+from service.storage import (
     Storage,
     StorageError,
     StorageNotFound,
-    events,
     input_key,
-    jobs,
-    keys,
-    metrics,
     output_key,
     output_prefix,
     request_key,
 )
+from service.validation import Params
+
 from .retry import REDIS_DOWN, retry
 
 log = logging.getLogger("magicface.worker")

@@ -23,7 +23,9 @@ from datetime import datetime, timezone
 import httpx
 from redis import Redis
 
-from ._service import EventType, Settings, events, keys, remote, webhooks
+from service import events, keys, remote, webhooks
+from service.schemas import EventType
+from service.settings import Settings
 
 __all__ = ["Deliverer", "main"]
 

@@ -24,8 +24,11 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
+from service import events, jobs, keys
+from service.settings import Settings
+from service.storage import Storage, StorageError
+
 from . import tasks
-from ._service import Settings, Storage, StorageError, events, jobs, keys
 from .retry import REDIS_DOWN, retry
 from .sweeper import sweep_if_due
 
@@ -33,11 +36,10 @@ log = logging.getLogger("magicface.worker")
 
 
 class MagicFaceJob(Job):
-    """A job whose function is this worker's `tasks.generate` under whichever path its
-    gateway named it: `worker.tasks.generate` from a checkout or the image,
-    `magicface_server.worker.tasks.generate` from the wheel, so a gateway and a worker
-    installed differently still agree. A job naming any other function is refused (it
-    fails) rather than imported and run."""
+    """A job whose function is this worker's `tasks.generate`. The name is matched, never
+    imported: a job naming any other function is refused (it fails) rather than run.
+    Release 0.1's wheel queued it as `magicface_server.worker.tasks.generate`; that
+    name still maps to the task."""
 
     @property
     def func(self):

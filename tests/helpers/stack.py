@@ -1,131 +1,50 @@
-"""Real processes for end-to-end tests: Redis, a moto S3 server, the gateway and workers."""
+"""Real processes for end-to-end tests: the product's local stack (Redis, the gateway,
+workers) with test defaults, and a Redis and a moto S3 server that can be stopped and
+started again (outages)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import redis
+
+from service import stack
+from service.stack import find_redis, free_port, start_redis
 
 from .multipart import job_form
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def redis_url(db: int = 15) -> tuple[str, subprocess.Popen | None]:
     """MAGICFACE_TEST_REDIS_URL's server, the machine's on 6379, or a redis-server we
     start (tests use database 15 and flush it)."""
-    candidates = [os.environ.get("MAGICFACE_TEST_REDIS_URL"), f"redis://127.0.0.1:6379/{db}"]
-    for url in filter(None, candidates):
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-            return url, None
-        except redis.RedisError:
-            continue
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise RuntimeError("no Redis answers and redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", tempfile.mkdtemp()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/{db}"
-    for _ in range(100):
-        try:
-            redis.Redis.from_url(url).ping()
-            return url, proc
-        except redis.RedisError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
+    url = find_redis([os.environ.get("MAGICFACE_TEST_REDIS_URL"),
+                      f"redis://127.0.0.1:6379/{db}"])
+    if url is not None:
+        return url, None
+    return start_redis(db)
 
 
-class Stack:
-    """A gateway and workers as subprocesses, configured through the environment."""
+class Stack(stack.Stack):
+    """The product's local stack (`service.stack`), configured for tests: short worker
+    heartbeats, the tiny model, logs kept in `logs`, plus HTTP helpers."""
 
     def __init__(self, env: dict[str, str], logs: Path):
-        self.port = free_port()
-        self.env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
-                    "MAGICFACE_MODEL": "tiny", "PYTHONUNBUFFERED": "1",
-                    "HF_HUB_OFFLINE": "1", "WORKER_HEARTBEAT_TTL_S": "4",
-                    "WORKER_MAINTENANCE_INTERVAL_S": "2", **env}
+        super().__init__({"MAGICFACE_MODEL": "tiny", "HF_HUB_OFFLINE": "1",
+                          "WORKER_HEARTBEAT_TTL_S": "4",
+                          "WORKER_MAINTENANCE_INTERVAL_S": "2", **env},
+                         log_dir=logs, cwd=ROOT)
         self.logs = logs
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.gateway: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.base_url, timeout=30)
-
-    def _spawn(self, module: str, name: str) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("ab")
-        return subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT)
-
-    def start_gateway(self) -> None:
-        self.gateway = self._spawn("service", "gateway")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.gateway.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log('gateway')}")
-            time.sleep(0.2)
-        raise RuntimeError("gateway did not start")
-
-    def start_worker(self, wait: bool = True) -> subprocess.Popen:
-        proc = self._spawn("worker", f"worker{len(self.workers)}")
-        self.workers.append(proc)
-        if wait:
-            self.wait_ready()
-        return proc
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.client.get("/readyz").status_code == 200:
-                return
-            for w in self.workers:
-                if w.poll() is not None:
-                    raise RuntimeError(f"worker exited: {self.log('worker0')}")
-            time.sleep(0.3)
-        raise RuntimeError("no worker became ready")
 
     def kill_worker(self, proc: subprocess.Popen) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-
-    def log(self, name: str) -> str:
-        p = self.logs / f"{name}.log"
-        return p.read_text()[-3000:] if p.exists() else ""
-
-    def stop(self) -> None:
-        self.client.close()
-        for p in [*self.workers, self.gateway]:
-            if p is not None and p.poll() is None:
-                p.terminate()
-        for p in [*self.workers, self.gateway]:
-            if p is not None:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
 
     # -- client helpers -----------------------------------------------------------------
     def submit(self, prompt, concepts, images, masks=(), params=None, headers=None,

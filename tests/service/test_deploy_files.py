@@ -84,11 +84,10 @@ def test_dockerfile_builds_a_slim_gateway_and_a_gpu_worker():
     assert gw.startswith("python:3.11")
     installs = [ln for ln in gw.splitlines() if "pip install" in ln]
     assert installs and not any("torch" in ln for ln in installs)
-    assert "pip install --no-deps ." in gw and "requirements-gateway.txt" in gw
+    assert "pip install --no-deps . ./server" in gw and "requirements-gateway.txt" in gw
     assert 'CMD ["python", "-m", "service"]' in gw and "/healthz" in gw
-    assert wk.startswith("nvidia/cuda:")
     # torch is installed before any source is copied: an edit never reinstalls it.
-    assert wk.index('pip install "torch==') < wk.index("COPY --from=source")
+    assert wk.index("pip install -c constraints.txt torch") < wk.index("COPY --from=source")
     assert "COPY --from=source" in gw
     assert 'CMD ["python", "-m", "worker"]' in wk
     assert '"worker.healthcheck"' in wk.split("HEALTHCHECK")[1]
@@ -101,6 +100,58 @@ def test_dockerfile_builds_a_slim_gateway_and_a_gpu_worker():
                 assert (ROOT / src).exists(), src
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests"} <= set(ignored)
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_every_pip_install_in_the_images_is_pinned_by_the_constraints():
+    text = (ROOT / "Dockerfile").read_text()
+    installs = [ln for ln in text.replace("\\\n", " ").splitlines() if "pip install" in ln]
+    assert len(installs) == 4, installs
+    for ln in installs:
+        assert "-c constraints.txt" in ln or "--no-deps" in ln, ln
+        assert "==" not in ln, f"a version literal beside constraints.txt: {ln}"
+    for stage in _stages(text).values():
+        if "pip install" in stage:
+            assert "COPY constraints.txt" in stage or "COPY --from=source" in stage
+    assert {"torch", "torchvision", "rq", "fastapi", "diffusers"} <= set(_constraints())
+
+
+def test_the_worker_image_base_matches_torchs_cuda_build():
+    """The worker's CUDA comes from torch's wheels (nvidia-cuda-runtime in the
+    constraints). A CUDA base image, if one is used, must be the same major.minor;
+    a plain Python base must be the constraints' Python."""
+    pins = _constraints()
+    cuda = ".".join(pins["nvidia-cuda-runtime"].split(".")[:2])
+    base = _stages((ROOT / "Dockerfile").read_text())["worker"].split()[0]
+    if base.startswith("nvidia/cuda:"):
+        assert base.split(":")[1].startswith(cuda + "."), (base, cuda)
+    else:
+        assert base.startswith("python:3.11"), base
+        wk = _stages((ROOT / "Dockerfile").read_text())["worker"]
+        assert "NVIDIA_VISIBLE_DEVICES=all" in wk and "compute" in wk
+    # And torch's own pin agrees with the runtime wheels' CUDA (a cu13 torch needs the
+    # CUDA 13 runtime; the constraints were frozen from an install that ran).
+    assert any(name.endswith("-cu" + cuda.split(".")[0]) for name in pins), sorted(pins)
+
+
+def test_the_gateway_requirements_are_the_servers_dependencies():
+    import tomllib
+
+    server = tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())
+    deps = {d.replace(" ", "") for d in server["project"]["dependencies"]} - {"magicface"}
+    lines = (ROOT / "deploy" / "requirements-gateway.txt").read_text().splitlines()
+    listed = {ln.replace(" ", "") for ln in lines if ln.strip() and not ln.startswith("#")}
+    assert listed == deps
 
 
 def _manifests() -> list[tuple[str, dict]]:
@@ -173,11 +224,12 @@ def test_the_gateway_installs_and_imports_without_torch(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "-r", str(ROOT / "deploy" / "requirements-gateway.txt")],
+    subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "-r",
+                    str(ROOT / "deploy" / "requirements-gateway.txt")],
                    check=True, capture_output=True, timeout=900)
-    subprocess.run([*pip, "--no-deps", str(ROOT)], check=True, capture_output=True,
-                   timeout=300)
-    code = ("import importlib.util as u, magicface_server.service.app as a\n"
+    subprocess.run([*pip, "--no-deps", str(ROOT), str(ROOT / "server")], check=True,
+                   capture_output=True, timeout=300)
+    code = ("import importlib.util as u, service.app as a\n"
             "a.create_app\n"
             "assert u.find_spec('torch') is None, 'torch is installed'\n"
             "assert u.find_spec('diffusers') is None\n")

@@ -9,6 +9,8 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from magicface_core.version import __version__
+
 from ... import jobs, metrics
 from ...errors import ApiError
 from ...schemas import ErrorBody
@@ -22,7 +24,7 @@ log = logging.getLogger("magicface.gateway")
 
 @router.get("/healthz", summary="The process is up")
 async def healthz() -> dict:  # on the event loop: never queued behind blocking work
-    return {"status": "ok"}
+    return {"status": "ok", "version": __version__}
 
 
 @router.get("/readyz", summary="Redis and storage answer, and a warm worker (its model "

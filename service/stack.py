@@ -1,0 +1,354 @@
+"""Everything on one machine: a Redis, the gateway and N workers, as child processes.
+
+    python -m service.stack --workers 2          (or `magicface serve`, `magicface-serve`)
+
+Redis is REDIS_URL's when set, else the machine's on 127.0.0.1:6379 when it answers, else
+a `redis-server` of the stack's own on a free loopback port (no persistence; stopped
+with the stack). The gateway and workers get the stack's environment plus the Redis URL
+and HOST/PORT. Their output is streamed with a name prefix (and kept in --log-dir). Ctrl-C
+or SIGTERM stops everything, workers first; when one child dies the others are stopped
+and the stack exits with that child's code. On Linux each child also gets SIGKILL should
+the stack itself die (PR_SET_PDEATHSIG), so nothing is left behind either way.
+
+`Stack` is the same thing as a class: `scripts/demo.sh`, the benchmarks and the tests'
+real-stack fixtures start their processes through it. It never imports torch (the
+workers do, in their own processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import IO
+
+import httpx
+import redis
+
+__all__ = ["Stack", "StackError", "free_port", "find_redis", "start_redis", "main"]
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+_PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """A process of the stack could not be started or did not become ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping()
+        return True
+    except (redis.RedisError, ValueError):
+        return False
+
+
+def find_redis(candidates: Iterable[str | None]) -> str | None:
+    """The first of `candidates` whose Redis answers a PING."""
+    return next((url for url in candidates if url and _answers(url)), None)
+
+
+def _preexec():
+    """Between fork and exec, ask Linux to SIGKILL the child when the stack dies. prctl
+    is looked up here, in the parent: the child only calls it (no imports or dlopen
+    after a fork from a threaded process)."""
+    if not sys.platform.startswith("linux"):
+        return None  # Ctrl-C and SIGTERM still stop the children
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+    return die_with_parent
+
+
+def start_redis(db: int = 0, directory: Path | None = None,
+                port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """A `redis-server` of our own on a free loopback port, without persistence."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise StackError("no Redis answers and redis-server is not installed "
+                         "(Debian: apt-get install redis-server; or set REDIS_URL)")
+    port = port or free_port()
+    workdir = directory or Path(tempfile.mkdtemp(prefix="magicface-redis-"))
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_preexec())
+    url = f"redis://127.0.0.1:{port}/{db}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _answers(url):
+            return url, proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise StackError(f"redis-server did not start on port {port}")
+
+
+class _Child:
+    """One process of the stack and where its output goes."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, reader: threading.Thread | None):
+        self.name, self.proc, self.reader = name, proc, reader
+
+
+class Stack:
+    """A gateway and workers (and, when needed, a Redis) as child processes.
+
+    `env` is added to this process's environment for every child. `log_dir` keeps each
+    child's output in `<name>.log`; `echo` also prints it here, prefixed by the name.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None, *, log_dir: Path | None = None,
+                 echo: bool = False, host: str = "127.0.0.1", port: int | None = None,
+                 cwd: Path | None = None):
+        self.host, self.port = host, port or free_port(host)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}),
+                    "HOST": host, "PORT": str(self.port)}
+        self.log_dir, self.echo, self.cwd = log_dir, echo, cwd
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_proc: subprocess.Popen | None = None
+        self.gateway: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self._children: list[_Child] = []
+        self._print_lock = threading.Lock()
+        self.base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
+        self.client = httpx.Client(base_url=self.base_url, timeout=30)
+
+    # -- starting ------------------------------------------------------------------------
+    def ensure_redis(self) -> str:
+        """REDIS_URL's server, the machine's default one, or one started for the stack."""
+        given = self.env.get("REDIS_URL")
+        if given:
+            if not _answers(given):
+                raise StackError(f"REDIS_URL {given} does not answer")
+            url = given
+        elif _answers(DEFAULT_REDIS):
+            url = DEFAULT_REDIS
+        else:
+            url, self.redis_proc = start_redis()
+        self.env["REDIS_URL"] = url
+        return url
+
+    def _spawn(self, name: str, module: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", module]
+        log: IO[bytes] | None = None
+        if self.log_dir is not None:
+            log = (self.log_dir / f"{name}.log").open("ab")
+        if not self.echo:
+            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, preexec_fn=_preexec(),
+                                    stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            if log is not None:
+                log.close()  # the child holds its own descriptor
+            self._children.append(_Child(name, proc, None))
+            return proc
+        proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, preexec_fn=_preexec(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        reader = threading.Thread(target=self._relay, args=(name, proc.stdout, log),
+                                  daemon=True, name=f"log-{name}")
+        reader.start()
+        self._children.append(_Child(name, proc, reader))
+        return proc
+
+    def _relay(self, name: str, stream: IO[bytes], log: IO[bytes] | None) -> None:
+        width = 9
+        for line in iter(stream.readline, b""):
+            if log is not None:
+                log.write(line)
+                log.flush()
+            text = line.decode(errors="replace").rstrip("\n")
+            with self._print_lock:
+                print(f"{name:<{width}}| {text}", flush=True)
+        if log is not None:
+            log.close()
+
+    def start_gateway(self, timeout: float = 60) -> subprocess.Popen:
+        self.gateway = self._spawn("gateway", "service")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return self.gateway
+            except httpx.HTTPError:
+                pass
+            if self.gateway.poll() is not None:
+                raise StackError(f"the gateway exited with code {self.gateway.returncode}"
+                                 f"{self._tail('gateway')}")
+            time.sleep(0.2)
+        raise StackError(f"the gateway did not answer /healthz within {timeout:.0f} s")
+
+    def start_worker(self, wait: bool = True, timeout: float = 120) -> subprocess.Popen:
+        proc = self._spawn(f"worker{len(self.workers)}", "worker")
+        self.workers.append(proc)
+        if wait:
+            self.wait_ready(timeout)
+        return proc
+
+    def wait_ready(self, timeout: float = 120, workers: int = 1) -> None:
+        """Until /readyz counts `workers` warm workers; a worker that exits first raises."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.client.get("/readyz")
+            if r.status_code == 200 and r.json().get("workers", 0) >= workers:
+                return
+            for i, w in enumerate(self.workers):
+                if w.poll() is not None:
+                    raise StackError(f"worker{i} exited with code {w.returncode}"
+                                     f"{self._tail(f'worker{i}')}")
+            time.sleep(0.3)
+        raise StackError(f"{workers} worker(s) did not become ready within {timeout:.0f} s")
+
+    def start(self, workers: int = 1, timeout: float = 300) -> None:
+        """Redis, the gateway, then `workers` workers, ready."""
+        self.ensure_redis()
+        self.start_gateway()
+        for _ in range(workers):
+            self.start_worker(wait=False)
+        if workers:
+            self.wait_ready(timeout, workers=workers)
+
+    # -- running and stopping ------------------------------------------------------------
+    def first_exit(self) -> tuple[str, int] | None:
+        """The first child (by start order) that has exited, with its code."""
+        for child in self._children:
+            code = child.proc.poll()
+            if code is not None:
+                return child.name, code
+        return None
+
+    def pids(self) -> list[int]:
+        found = [c.proc.pid for c in self._children]
+        return found + ([self.redis_proc.pid] if self.redis_proc is not None else [])
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log" if self.log_dir else None
+        return path.read_text(errors="replace")[-3000:] if path and path.exists() else ""
+
+    def _tail(self, name: str) -> str:
+        text = self.log(name)
+        return f":\n{text}" if text else ""
+
+    def stop(self, timeout: float = 15) -> None:
+        """Workers first (they finish or hand back their job), then the gateway, then a
+        Redis of our own; SIGTERM, and SIGKILL for whatever outlives `timeout`."""
+        self.client.close()
+        order = [c for c in self._children if c.proc is not self.gateway]
+        order += [c for c in self._children if c.proc is self.gateway]
+        for child in order:
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + timeout
+        for child in order:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+            if child.reader is not None:
+                child.reader.join(timeout=2)
+        if self.redis_proc is not None and self.redis_proc.poll() is None:
+            self.redis_proc.terminate()
+            try:
+                self.redis_proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.redis_proc.kill()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m service.stack",
+        description="Run Redis (if none answers), the gateway and workers on this machine "
+                    "until Ctrl-C. Other settings come from the environment, as for the "
+                    "gateway and the worker (see the README's configuration table).")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
+                   help="the gateway's port (default 8000; 0 picks a free one)")
+    p.add_argument("--model", default=os.environ.get("MAGICFACE_MODEL", "tiny"),
+                   help="MAGICFACE_MODEL for the workers (default: tiny random weights)")
+    p.add_argument("--storage-url", default=os.environ.get("STORAGE_URL", "file://./data"))
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="also keep each process's output in DIR/<name>.log")
+    args = p.parse_args(argv)
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = {"MAGICFACE_MODEL": args.model, "STORAGE_URL": args.storage_url}
+    stack = Stack(env, log_dir=args.log_dir, echo=True, host=args.host,
+                  port=args.port or None)
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    code = 0
+    try:
+        url = stack.ensure_redis()
+        print(f"stack    | redis: {url}{' (started for this stack)' if stack.redis_proc else ''}",
+              flush=True)
+        stack.start_gateway()
+        for _ in range(args.workers):
+            stack.start_worker(wait=False)
+        print(f"stack    | web page: {stack.base_url}/   API: {stack.base_url}/v1/jobs   "
+              f"docs: {stack.base_url}/docs   ({args.workers} worker(s) warming; "
+              "Ctrl-C stops everything)", flush=True)
+        while True:
+            ended = stack.first_exit()
+            if ended is not None:
+                name, code = ended
+                print(f"stack    | {name} exited with code {code}: stopping the stack",
+                      flush=True)
+                code = code if code >= 0 else 128 - code  # killed by a signal: 128 + N
+                break
+            time.sleep(0.2)
+    except _Stop:
+        print("stack    | stopping", flush=True)
+    except StackError as e:
+        print(f"stack    | {e}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
