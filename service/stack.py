@@ -93,7 +93,7 @@ def start_redis(db: int = 0, directory: Path | None = None,
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=_preexec())
+                            preexec_fn=_preexec(), start_new_session=True)
     url = f"redis://127.0.0.1:{port}/{db}"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -138,10 +138,13 @@ class Stack:
         self.client = httpx.Client(base_url=self.base_url, timeout=30)
 
     # -- starting ------------------------------------------------------------------------
-    def ensure_redis(self) -> str:
-        """REDIS_URL's server, the machine's default one, or one started for the stack."""
-        given = self.env.get("REDIS_URL")
-        if given:
+    def ensure_redis(self, own: bool = False) -> str:
+        """REDIS_URL's server, the machine's default one, or (also whenever `own`) one
+        started for the stack."""
+        given = None if own else self.env.get("REDIS_URL")
+        if own:
+            url, self.redis_proc = start_redis()
+        elif given:
             if not _answers(given):
                 raise StackError(f"REDIS_URL {given} does not answer")
             url = given
@@ -153,19 +156,24 @@ class Stack:
         return url
 
     def _spawn(self, name: str, module: str) -> subprocess.Popen:
+        # Each child in a process group of its own: a terminal's Ctrl-C reaches only the
+        # stack, which then stops each child once, in order (RQ takes a second signal
+        # as a cold shutdown, which would abandon a running job).
         cmd = [sys.executable, "-m", module]
         log: IO[bytes] | None = None
         if self.log_dir is not None:
             log = (self.log_dir / f"{name}.log").open("ab")
         if not self.echo:
             proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, preexec_fn=_preexec(),
-                                    stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                                    start_new_session=True, stdout=log or subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT)
             if log is not None:
                 log.close()  # the child holds its own descriptor
             self._children.append(_Child(name, proc, None))
             return proc
         proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, preexec_fn=_preexec(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
         reader = threading.Thread(target=self._relay, args=(name, proc.stdout, log),
                                   daemon=True, name=f"log-{name}")
         reader.start()
@@ -206,12 +214,19 @@ class Stack:
             self.wait_ready(timeout)
         return proc
 
+    def ready(self, workers: int = 1) -> bool:
+        """/readyz counts at least `workers` warm workers."""
+        try:
+            r = self.client.get("/readyz")
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200 and r.json().get("workers", 0) >= workers
+
     def wait_ready(self, timeout: float = 120, workers: int = 1) -> None:
         """Until /readyz counts `workers` warm workers; a worker that exits first raises."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            r = self.client.get("/readyz")
-            if r.status_code == 200 and r.json().get("workers", 0) >= workers:
+            if self.ready(workers):
                 return
             for i, w in enumerate(self.workers):
                 if w.poll() is not None:
@@ -302,6 +317,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the gateway's port (default 8000; 0 picks a free one)")
     p.add_argument("--model", default=os.environ.get("MAGICFACE_MODEL", "tiny"),
                    help="MAGICFACE_MODEL for the workers (default: tiny random weights)")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or None,
+                   help="the Redis to use (default: REDIS_URL, else 127.0.0.1:6379 when it "
+                        "answers, else a redis-server started for the stack)")
+    p.add_argument("--own-redis", action="store_true",
+                   help="always start a redis-server for the stack (on a free loopback "
+                        "port, no persistence), even when another answers")
     p.add_argument("--storage-url", default=os.environ.get("STORAGE_URL", "file://./data"))
     p.add_argument("--log-dir", type=Path, default=None,
                    help="also keep each process's output in DIR/<name>.log")
@@ -314,13 +335,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = {"MAGICFACE_MODEL": args.model, "STORAGE_URL": args.storage_url}
+    if args.redis_url:
+        env["REDIS_URL"] = args.redis_url
     stack = Stack(env, log_dir=args.log_dir, echo=True, host=args.host,
                   port=args.port or None)
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     code = 0
     try:
-        url = stack.ensure_redis()
+        url = stack.ensure_redis(own=args.own_redis)
         print(f"stack    | redis: {url}{' (started for this stack)' if stack.redis_proc else ''}",
               flush=True)
         stack.start_gateway()
@@ -329,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack    | web page: {stack.base_url}/   API: {stack.base_url}/v1/jobs   "
               f"docs: {stack.base_url}/docs   ({args.workers} worker(s) warming; "
               "Ctrl-C stops everything)", flush=True)
+        announced = args.workers == 0
         while True:
+            if not announced and stack.ready(args.workers):
+                announced = True
+                print(f"stack    | ready: {args.workers} worker(s) warm", flush=True)
             ended = stack.first_exit()
             if ended is not None:
                 name, code = ended
