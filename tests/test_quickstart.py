@@ -94,7 +94,7 @@ def test_the_quick_start_runs_as_written_in_a_fresh_clone(tmp_path):
                               capture_output=True, text=True, timeout=1500)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{command!r} failed:\n{output[-4000:]}"
-        pngs = set(re.findall(r"(/\S+?\.png)", proc.stdout))
+        pngs = set(re.findall(r"(?:^|\s)(/\S+?\.png)", proc.stdout, re.M))
         assert len(pngs) >= 2, f"{command!r} printed no result paths:\n{proc.stdout}"
         for png in pngs:
             path = Path(png)
