@@ -21,7 +21,6 @@ from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
-from rq import Queue
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from magicface_core.version import __version__
@@ -34,6 +33,7 @@ from .api.routes import jobs as job_routes
 from .api.routes import probes as probe_routes
 from .api.routes.jobs import JOB_ERROR_STATUS
 from .errors import ApiError
+from .queueing import open_queue
 from .settings import Settings
 from .storage import Storage, StorageError, open_storage
 
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     app.state.settings = settings
     app.state.redis = redis or Redis.from_url(settings.redis_url, socket_timeout=5,
                                               socket_connect_timeout=3)
-    app.state.queue = Queue(settings.queue_name, connection=app.state.redis)
+    app.state.queue = open_queue(settings.queue_name, app.state.redis)
     app.state.storage = storage or open_storage(
         settings.storage_url, endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region, public_url=settings.s3_public_url,

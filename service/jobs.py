@@ -32,6 +32,7 @@ from .keys import (
     WEBHOOK_LOG_KEY,
     WORKER_ALIVE_KEY,
 )
+from .queueing import UNREADABLE_MESSAGE, fetch_job, unreadable
 from .schemas import (
     ErrorCode,
     ErrorDetail,
@@ -141,14 +142,25 @@ def fetch(redis: Redis, job_id: str, owner: str | None = None) -> Job:
     if not JOB_ID.fullmatch(job_id or ""):
         raise missing
     try:
-        job = Job.fetch(job_id, connection=redis)
+        job = fetch_job(job_id, redis)
     except NoSuchJobError:
         raise missing from None
-    if owner is not None and job.meta.get("owner", ANONYMOUS) != owner:
+    if owner is not None and not _owns(redis, job, owner):
         raise missing
     if redis.exists(DELETED_KEY.format(job_id)):
         raise missing
     return job
+
+
+def _owns(redis: Redis, job: Job, owner: str) -> bool:
+    """Whether `owner` owns the job; for a job whose meta is unreadable, whether the
+    owner's index holds it (so its owner, and only its owner, is told it is unreadable)."""
+    if not unreadable(job):
+        return job.meta.get("owner", ANONYMOUS) == owner
+    return redis.zscore(OWNER_JOBS_KEY.format(owner), job.id) is not None
+
+
+UNREADABLE = ErrorDetail(code=ErrorCode.UNREADABLE_JOB, message=UNREADABLE_MESSAGE)
 
 
 def _failure_error(job: Job) -> ErrorDetail:
@@ -161,6 +173,8 @@ def _failure_error(job: Job) -> ErrorDetail:
         exc = (res.exc_string or "") if res is not None else ""
     except Exception:  # noqa: BLE001 - an unreadable result still fails the job
         exc = ""
+    if "DeserializationError" in exc or "UnreadableRecord" in exc:
+        return UNREADABLE
     if "AbandonedJobError" in exc:
         return ErrorDetail(code=ErrorCode.WORKER_LOST,
                            message="the worker running this job stopped before finishing")
@@ -173,6 +187,8 @@ def _failure_error(job: Job) -> ErrorDetail:
 
 
 def status_of(job: Job) -> JobState:
+    if unreadable(job):
+        return JobState.FAILED  # never run: a worker fails it when it meets it
     rq_status = job.get_status(refresh=False)
     state = job.meta.get("state")
     if state == JobState.EXPIRED:
@@ -245,8 +261,22 @@ def _stage(status: JobState, progress: dict) -> str:
 
 
 def describe(job: Job, queue: Queue, *, refresh: bool = True) -> JobView:
+    """The job as the API shows it. A record that is not this service's (unreadable
+    meta, or JSON of the wrong shape: written by hand into Redis) reads as failed with
+    `unreadable_job`, never as a server error."""
     if refresh:
         job.refresh()
+    if not unreadable(job):
+        try:
+            return _describe(job, queue)
+        except (TypeError, ValueError, KeyError, AttributeError):  # pydantic's too
+            pass
+    return JobView(id=job.id, status=JobState.FAILED,
+                   progress=Progress(step=0, total=0, stage="done"),
+                   created_at=_utc(job.created_at), error=UNREADABLE)
+
+
+def _describe(job: Job, queue: Queue) -> JobView:
     meta = job.meta
     status = status_of(job)
     if status == JobState.RUNNING and queue.connection.exists(CANCEL_KEY.format(job.id)):
@@ -340,7 +370,7 @@ def expire(redis: Redis, queue: Queue, record_ttl_s: int, now: float | None = No
         job_id = raw.decode() if isinstance(raw, bytes) else raw
         redis.zrem(DEADLINES_KEY, job_id)
         try:
-            job = Job.fetch(job_id, connection=redis)
+            job = fetch_job(job_id, redis)
         except NoSuchJobError:
             continue
         status = status_of(job)
@@ -391,7 +421,7 @@ def list_jobs(redis: Redis, queue: Queue, owner: str, *, limit: int = 20,
             top = f"({score!r}"
             job_id = raw.decode() if isinstance(raw, bytes) else raw
             try:
-                job = Job.fetch(job_id, connection=redis)
+                job = fetch_job(job_id, redis)
             except NoSuchJobError:
                 redis.zrem(key, job_id)
                 continue

@@ -53,6 +53,7 @@ class ErrorCode(str, Enum):
     TIMEOUT = "timeout"  # over JOB_TIMEOUT_S
     WORKER_LOST = "worker_lost"  # the worker died mid-job
     UNSAFE_CONTENT = "unsafe_content"  # SAFETY_CHECKER=block flagged the image
+    UNREADABLE_JOB = "unreadable_job"  # its Redis record is not JSON (pickle): never run
     DEADLINE_EXCEEDED = "deadline_exceeded"  # Cancel-After or QUEUE_TTL_S passed (expired)
     CANCELED = "canceled"  # the client canceled it
     INTERNAL_ERROR = "internal_error"  # anything else

@@ -184,17 +184,21 @@ def _source(value: str, where: str, settings: Settings) -> Upload:
 
 
 # -- headers --------------------------------------------------------------------------
-_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([^\s,;\"]*)\"?", re.IGNORECASE)
+_WAIT = re.compile(r"(?:^|[,;\s])wait(?:\s*=\s*\"?([^\s,;\"]*)\"?)?(?=$|[,;\s])",
+                   re.IGNORECASE)
 
 
 def parse_prefer_wait(header: str | None, settings: Settings) -> int | None:
-    """`Prefer: wait=N` (RFC 7240): seconds to hold the answer for the job to finish."""
+    """`Prefer: wait=N` (RFC 7240): seconds to hold the answer for the job to finish.
+    A bare `Prefer: wait` waits MAX_WAIT_S (as Replicate's API does)."""
     if not header:
         return None
     m = _WAIT.search(header)
     if m is None:
         return None  # other preferences: ignored, as RFC 7240 asks
     value = m.group(1)
+    if value is None:
+        return settings.max_wait_s
     if not value.isdigit() or int(value) > settings.max_wait_s:
         raise ApiError(422, "invalid_header",
                        f"Prefer: wait must be a whole number of seconds from 0 to "

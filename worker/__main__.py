@@ -6,8 +6,8 @@ import logging
 import time
 
 from redis import Redis
-from rq import Queue
 
+from service.queueing import open_queue
 from service.settings import Settings
 from service.storage import open_storage
 from service.validation import Params
@@ -128,7 +128,7 @@ def main() -> None:
     # RQ's loop ends on an error it does not handle (a Redis outage outlasting
     # REDIS_RETRY_S, say): start it again, model still loaded, unless asked to stop.
     while True:
-        worker = MagicFaceWorker([Queue(settings.queue_name, connection=redis)],
+        worker = MagicFaceWorker([open_queue(settings.queue_name, redis)],
                                  settings=settings, connection=redis,
                                  model=model, storage=storage)
         if not ready["warm"]:

@@ -20,6 +20,7 @@ from redis import Redis
 from rq import get_current_job
 
 from service import events, jobs, keys, metrics
+from service.queueing import open_queue
 from service.schemas import ErrorCode, EventType, JobState
 from service.settings import Settings
 from service.storage import (
@@ -119,9 +120,8 @@ def publish(rt: Runtime, job, event: EventType, data: dict) -> None:
 
 
 def _view(rt: Runtime, job) -> dict:
-    from rq import Queue
 
-    return jobs.describe(job, Queue(job.origin, connection=rt.redis),
+    return jobs.describe(job, open_queue(job.origin, rt.redis),
                     refresh=False).model_dump(mode="json")
 
 

@@ -25,6 +25,7 @@ from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
 from service import events, jobs, keys
+from service.queueing import JobSerializer, fetch_job, fetch_jobs
 from service.settings import Settings
 from service.storage import Storage, StorageError
 
@@ -43,10 +44,24 @@ class MagicFaceJob(Job):
 
     @property
     def func(self):
-        name = self.func_name
+        name = self.func_name  # DeserializationError for a record that is not JSON
         if name == jobs.TASK or (name or "").endswith("." + jobs.TASK):
             return tasks.generate
         raise ValueError(f"{name!r} is not this worker's task ({jobs.TASK})")
+
+    # RQ imports a job's callbacks by the names stored in its Redis hash, so a planted
+    # name would import and call any function. This service registers none: ignored.
+    @property
+    def success_callback(self):
+        return None
+
+    @property
+    def failure_callback(self):
+        return None
+
+    @property
+    def stopped_callback(self):
+        return None
 
 
 class MagicFaceWorker(SimpleWorker):
@@ -64,7 +79,7 @@ class MagicFaceWorker(SimpleWorker):
             # A short worker TTL bounds the blocking dequeue, so maintenance (which
             # fails abandoned jobs) runs every few seconds even when idle.
             worker_ttl=max(20, 2 * hb), maintenance_interval=settings.worker_maintenance_interval_s,
-            job_monitoring_interval=max(1, hb // 3), **kwargs)
+            job_monitoring_interval=max(1, hb // 3), serializer=JobSerializer, **kwargs)
         self._alive_stop = threading.Event()
         self._alive = threading.Thread(target=self._announce, daemon=True)
         self._since = time.time()
@@ -200,7 +215,7 @@ class MagicFaceWorker(SimpleWorker):
                 if events.has_terminal(self.connection, job_id):
                     continue
                 try:
-                    job = Job.fetch(job_id, connection=self.connection)
+                    job = fetch_job(job_id, self.connection)
                     if jobs.status_of(job).terminal:
                         jobs.publish_end(self.connection, job, queue, self.settings.result_ttl_s)
                 except Exception as e:  # noqa: BLE001 - gone, or Redis went away
@@ -278,9 +293,9 @@ class MagicFaceWorker(SimpleWorker):
         try:
             while True:
                 ids = queue.connection.lrange(queue.key, 0, BATCH_SCAN - 1)
-                candidates = self.job_class.fetch_many(
+                candidates = fetch_jobs(
                     [i.decode() if isinstance(i, bytes) else i for i in ids],
-                    connection=self.connection, serializer=self.serializer)
+                    self.connection, self.job_class)
                 for c in candidates:
                     if len(found) == limit:
                         break

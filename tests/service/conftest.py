@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from rq import Queue
 
 from service.app import create_app
+from service.queueing import open_queue
 from service.settings import Settings
 from service.storage import LocalStorage
 
@@ -22,7 +22,7 @@ def api(redis_db, redis_server, tmp_path):
     storage = LocalStorage(tmp_path / "store")
     app = create_app(settings, storage=storage)
     with TestClient(app) as client:
-        client.queue = Queue(settings.queue_name, connection=redis_db)
+        client.queue = open_queue(settings.queue_name, redis_db)
         client.store = tmp_path / "store"
         yield client
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from rq import Queue
 
 from service.app import create_app
+from service.queueing import open_queue
 from service.settings import Settings
 from service.storage import LocalStorage
 
@@ -210,7 +210,7 @@ def test_storage_down_is_503_and_nothing_is_queued(redis_db, redis_server):
 
     dead = S3Storage("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
     app = create_app(Settings(redis_url=redis_server), storage=dead)
-    queue = Queue(Settings().queue_name, connection=redis_db)
+    queue = open_queue(Settings().queue_name, redis_db)
     with TestClient(app) as client:
         r = post(client, headers={"Idempotency-Key": "k-down"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"

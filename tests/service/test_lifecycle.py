@@ -10,9 +10,9 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from rq import Queue
 
 from service.app import create_app
+from service.queueing import open_queue
 from service.settings import Settings
 from service.storage import LocalStorage
 
@@ -30,7 +30,7 @@ def make_api(redis_db, redis_server, tmp_path):
                             max_image_pixels=1_000_000, **overrides)
         client = TestClient(create_app(settings, storage=LocalStorage(tmp_path / "store")))
         client.__enter__()
-        client.queue = Queue(settings.queue_name, connection=redis_db)
+        client.queue = open_queue(settings.queue_name, redis_db)
         client.store = tmp_path / "store"
         client.redis = redis_db
         clients.append(client)
@@ -277,3 +277,14 @@ def test_readiness_and_metrics_count_this_queues_workers_and_submissions(make_ap
     assert 'magicface_jobs_ended_while_queued_total{state="canceled"} 1.0' in text
     assert 'magicface_jobs{status="canceled"} 1.0' in text
     assert 'magicface_jobs{status="queued"} 1.0' in text
+
+
+def test_a_bare_prefer_wait_waits_max_wait_s():
+    from service.settings import Settings
+    from service.submission import parse_prefer_wait
+
+    settings = Settings(max_wait_s=45)
+    for header, wanted in (("wait", 45), ("respond-async, wait", 45), ("Wait ; x=1", 45),
+                           ("wait=5", 5), ('wait="7"', 7), ("waiting=3", None),
+                           ("return=minimal", None), (None, None)):
+        assert parse_prefer_wait(header, settings) == wanted, header

@@ -4,9 +4,9 @@ Redis and a local storage folder."""
 from __future__ import annotations
 
 import pytest
-from rq import Queue
 
 from magicface_core import MagicFacePipeline
+from service.queueing import open_queue
 from service.settings import Settings
 from service.storage import LocalStorage
 from worker import tasks
@@ -22,7 +22,7 @@ def runtime(pipe, redis_db, redis_server, tmp_path):
     settings = Settings(redis_url=redis_server, storage_url=f"file://{tmp_path}",
                         storage_retry_s=2, redis_retry_s=5)
     storage = LocalStorage(tmp_path)
-    queue = Queue("worker-test", connection=redis_db)
+    queue = open_queue("worker-test", redis_db)
     old = tasks.RUNTIME
     tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage,
                                   redis=redis_db)
