@@ -26,8 +26,8 @@ class WebhookVerificationError(Exception):
 
 def _key(secret: str | bytes) -> bytes:
     """The HMAC key of a secret, read as the service reads WEBHOOK_SECRET: `whsec_<base64>`
-    is decoded (padding optional, as the reference library allows); any other string is
-    its UTF-8 bytes; bytes are the key itself."""
+    is decoded (padding optional, as the reference library allows); bytes are the key
+    itself. Any other string is refused: the service signs with whsec_ secrets only."""
     if isinstance(secret, bytes):
         key = secret
     elif secret.startswith("whsec_"):
@@ -37,7 +37,7 @@ def _key(secret: str | bytes) -> bytes:
         except (binascii.Error, ValueError):
             raise ValueError("a whsec_ secret must be base64 after the prefix") from None
     else:
-        key = secret.encode()
+        raise ValueError("a webhook secret is whsec_ followed by base64 (as WEBHOOK_SECRET)")
     if not key:
         raise ValueError("a webhook secret may not be empty")
     return key

@@ -1,5 +1,5 @@
-"""`magicface generate | run | eval`: the method, batches of examples and their metrics
-from the command line."""
+"""`magicface generate | run | eval | serve | secret`: the method, batches of examples,
+their metrics, the local service and webhook secrets from the command line."""
 
 from __future__ import annotations
 
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(r)
     _sampling_options(r, run=True)
 
+    sub.add_parser("secret", help="print a fresh webhook secret (whsec_ + 32 random bytes "
+                                  "in base64) for WEBHOOK_SECRET",
+                   description="Print a fresh Standard Webhooks secret for WEBHOOK_SECRET.")
     sub.add_parser("serve", add_help=False,
                    help="run the service on this machine: Redis (when none answers), the "
                         "gateway and workers, until Ctrl-C (`magicface serve --help`; needs "
@@ -532,6 +535,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret(args: argparse.Namespace) -> int:
+    import base64
+    import secrets
+
+    print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    return 0
+
+
 def _serve(rest: list[str]) -> int:
     """`magicface serve ...` is `python -m service.stack ...`: the stack belongs to the
     server distribution, so the method package hands over to it instead of importing it."""
@@ -551,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return _serve(argv[1:])
     args = build_parser().parse_args(argv)
-    commands = {"generate": _generate, "run": _run, "eval": _eval}
+    commands = {"generate": _generate, "run": _run, "eval": _eval, "secret": _secret}
     try:
         return commands[args.command](args)
     except (ValueError, ImportError) as e:  # MagicFaceInputError is a ValueError

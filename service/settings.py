@@ -129,6 +129,16 @@ class Settings(BaseSettings):
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhook_secrets(cls, v: str) -> str:
+        from .webhooks import secret_bytes
+
+        for secret in (s.strip() for s in v.split(",")):
+            if secret:
+                secret_bytes(secret)  # ValueError names the setting and the fix
+        return v
+
     @field_validator("max_concepts", "max_steps", "max_size")
     @classmethod
     def _within_library_limits(cls, v: int, info) -> int:

@@ -4,8 +4,9 @@ webhook asks for, and how a delivery is signed.
 Each delivery carries `webhook-id` (the same on every retry), `webhook-timestamp`
 (seconds) and `webhook-signature`: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`
 for each secret in WEBHOOK_SECRET (a comma-separated list: during a rotation both
-keys sign, and receivers accept either). A `whsec_` secret is base64 (the standard's
-form); any other string is used as its UTF-8 bytes.
+keys sign, and receivers accept either). Secrets are the standard's form, `whsec_` and
+the key in base64 (padding optional), so the Standard Webhooks libraries verify our
+deliveries as they are; any other string is refused at start-up.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import hmac
 
 from .schemas import EventType
 
-__all__ = ["DEFAULT_EVENTS", "parse_events", "secret_bytes", "sign", "signature_header",
-           "payload_type"]
+__all__ = ["DEFAULT_EVENTS", "parse_events", "secret_bytes", "sign",
+           "signature_header", "payload_type"]
+
+MIN_SECRET_BYTES = 16
+HOW_TO_MAKE = ("make one with `magicface secret` (or: python -c \"import base64, secrets; "
+               "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\")")
 
 # Progress is opt-in: most receivers want the outcome, not 50 step updates.
 DEFAULT_EVENTS = frozenset(EventType) - {EventType.PROGRESS}
@@ -43,12 +48,22 @@ def parse_events(raw: str | list | None) -> frozenset[EventType]:
 
 
 def secret_bytes(secret: str) -> bytes:
-    if secret.startswith("whsec_"):
-        try:
-            return base64.b64decode(secret[len("whsec_"):], validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("WEBHOOK_SECRET: a whsec_ secret must be base64") from None
-    return secret.encode()
+    """The HMAC key of a `whsec_<base64>` secret. ValueError (naming WEBHOOK_SECRET and
+    how to make a secret) for anything else."""
+    if not secret.startswith("whsec_"):
+        raise ValueError("WEBHOOK_SECRET: each secret must be whsec_ followed by the key in "
+                         f"base64 (Standard Webhooks); {HOW_TO_MAKE}")
+    b64 = secret[len("whsec_"):]
+    try:
+        key = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"WEBHOOK_SECRET: the part after whsec_ is not base64; "
+                         f"{HOW_TO_MAKE}") from None
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"WEBHOOK_SECRET: a key of {len(key)} bytes is too short (at least "
+                         f"{MIN_SECRET_BYTES}); {HOW_TO_MAKE}")
+    return key
+
 
 
 def sign(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

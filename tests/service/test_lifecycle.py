@@ -19,6 +19,8 @@ from service.storage import LocalStorage
 from ..helpers.images import png
 from ..helpers.multipart import job_form
 
+SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-length").decode()
+
 
 @pytest.fixture
 def make_api(redis_db, redis_server, tmp_path):
@@ -110,7 +112,7 @@ def test_json_body_errors_name_the_field(make_api, body, code, field):
 
 
 def test_other_bodies_and_headers_are_refused(make_api):
-    api = make_api(webhook_secret="s3cret")
+    api = make_api(webhook_secret=SECRET)
     rejected(api, api.post("/v1/jobs", content=b"x", headers={"Content-Type": "text/plain"}),
              415, "unsupported_media_type", "Content-Type")
     rejected(api, api.post("/v1/jobs", content=b"{", headers={"Content-Type":
@@ -135,7 +137,7 @@ def test_other_bodies_and_headers_are_refused(make_api):
 
 
 def test_webhook_fields_are_kept_on_the_job(make_api):
-    api = make_api(webhook_secret="s3cret", webhook_allow_private=True)
+    api = make_api(webhook_secret=SECRET, webhook_allow_private=True)
     r = api.post("/v1/jobs", **multipart(webhook="http://127.0.0.1:9/hook",
                                          webhook_events="succeeded, progress"))
     assert r.status_code == 202, r.text
@@ -279,8 +281,22 @@ def test_readiness_and_metrics_count_this_queues_workers_and_submissions(make_ap
     assert 'magicface_jobs{status="queued"} 1.0' in text
 
 
+def test_webhook_secrets_are_standard_webhooks_secrets():
+    """whsec_ + base64, padding optional; anything else is refused at start-up with
+    the way to make one."""
+    from pydantic import ValidationError
+
+    key = b"k" * 32
+    padded = "whsec_" + base64.b64encode(key).decode()
+    assert Settings(webhook_secret=padded).webhook_secrets == [key]
+    assert Settings(webhook_secret=padded.rstrip("=")).webhook_secrets == [key]
+    for bad in ("s3cret", "whsec_@@@", "whsec_" + base64.b64encode(b"short").decode(),
+                f"{padded},plain"):
+        with pytest.raises(ValidationError, match="WEBHOOK_SECRET.*magicface secret"):
+            Settings(webhook_secret=bad)
+
+
 def test_a_bare_prefer_wait_waits_max_wait_s():
-    from service.settings import Settings
     from service.submission import parse_prefer_wait
 
     settings = Settings(max_wait_s=45)

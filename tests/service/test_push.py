@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow  # real processes; runs in .ci/run (MAGICFACE_ALL_
 SMALL = {"steps": 4, "width": 64, "height": 64, "seed": 5}
 MEDIUM = {"steps": 24, "width": 128, "height": 128, "seed": 5}
 SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-length").decode()
+# Unpadded (the standard allows it): the service and the reference library both read it.
+OLD_SECRET = "whsec_" + base64.b64encode(b"the-retired-secret-key").decode().rstrip("=")
 
 
 def sse(response):
@@ -60,7 +62,7 @@ def read_events(client: httpx.Client, job_id: str, last: str | None = None,
 @pytest.fixture
 def stack(redis_db, redis_server, tmp_path):
     s = Stack({"REDIS_URL": redis_server, "STORAGE_URL": f"file://{tmp_path / 'store'}",
-               "WEBHOOK_SECRET": f"{SECRET},old-secret", "WEBHOOK_ALLOW_PRIVATE": "true",
+               "WEBHOOK_SECRET": f"{SECRET},{OLD_SECRET}", "WEBHOOK_ALLOW_PRIVATE": "true",
                "WEBHOOK_BACKOFF_S": "0.3"}, tmp_path / "logs")
     s.start_gateway()
     yield s
@@ -158,7 +160,7 @@ def test_webhooks_are_signed_and_arrive_once_through_failures(stack):
         payload = Webhook(SECRET).verify(body, headers)
         assert payload["data"] and payload["type"].startswith("job.")
         assert len(headers["webhook-signature"].split(" ")) == 2
-        Webhook(base64.b64encode(b"old-secret").decode()).verify(body, headers)
+        Webhook(OLD_SECRET).verify(body, headers)
     final = json.loads([b for _, b, _ in delivered if b"job.succeeded" in b][0])
     assert final["data"]["id"] == job["id"] and final["data"]["status"] == "succeeded"
     # The delivery log says so; a redelivery sends the same message again.
