@@ -24,8 +24,11 @@ def main() -> None:
         metrics.serve(settings.metrics_port, settings.host, app.state.redis, app.state.queue)
     # Idle keep-alive connections are closed after 5 s; a stalled body is dropped after
     # BODY_TIMEOUT_S (the app's middleware).
+    # h11's own bound on an incomplete request head (used when uvicorn runs h11); the
+    # middleware answers 431 past MAX_HEADER_BYTES whatever the HTTP implementation.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                timeout_keep_alive=5)
+                timeout_keep_alive=5,
+                h11_max_incomplete_event_size=settings.max_header_bytes + 16 * 2**10)
 
 
 if __name__ == "__main__":

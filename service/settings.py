@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     api_keys: str = ""  # comma-separated; empty: no auth
     max_image_bytes: int = 10 * 2**20
     max_request_bytes: int = 40 * 2**20
+    max_header_bytes: int = 32 * 2**10  # all request headers together (431 beyond)
     max_image_pixels: int = 4096 * 4096
     # The library's limits (magicface_core.limits) by default; an operator may lower them.
     max_concepts: int = int(LIMITS["concepts"].high)

@@ -35,8 +35,10 @@ def _range(name: str) -> dict:
     return {**low, "le": lim.high, **extra}
 
 
+# strict: JSON's own types only. `true` is not 1 and `"4"` is not 4: a client sending
+# either has a bug that coercion would hide.
 class ConceptSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     word: str = Field(min_length=1, max_length=TEXT_LIMITS["word"])
     weight: float = Field(default=3.0, allow_inf_nan=False, **_range("weight"))
@@ -45,7 +47,7 @@ class ConceptSpec(BaseModel):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     steps: int = Field(default=50, **_range("steps"))
     guidance_scale: float = Field(default=7.5, allow_inf_nan=False, **_range("guidance_scale"))

@@ -66,6 +66,11 @@ class GatewayMiddleware:
                                                   (HEADER.encode(), rid.encode())]}
             await send(message)
 
+        header_bytes = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+        if header_bytes > s.max_header_bytes:
+            return await _reply(send_with_id, 431, "headers_too_large",
+                                f"request headers: {header_bytes} bytes, at most "
+                                f"{s.max_header_bytes} (MAX_HEADER_BYTES)")
         if (scope["path"] in DOCS_PATHS and s.api_key_set and not s.public_docs
                 and authorized_owner(s, _header(scope, b"authorization")) is None):
             return await _reply(send_with_id, 401, "unauthorized",

@@ -304,3 +304,32 @@ def test_a_bare_prefer_wait_waits_max_wait_s():
                            ("wait=5", 5), ('wait="7"', 7), ("waiting=3", None),
                            ("return=minimal", None), (None, None)):
         assert parse_prefer_wait(header, settings) == wanted, header
+
+
+def test_numbers_are_json_numbers_not_bools_or_strings(make_api):
+    """No coercion: `true` is not 1, `"4"` is not 4, 1.0 is not a whole number of steps;
+    in both bodies, naming the field."""
+    api = make_api()
+    for params, field in (({"steps": True}, "params.steps"), ({"steps": "4"}, "params.steps"),
+                          ({"seed": 1.5}, "params.seed"), ({"width": "128"}, "params.width"),
+                          ({"guidance_scale": False}, "params.guidance_scale")):
+        rejected(api, api.post("/v1/jobs", **multipart(params=params)), 422, "invalid_params",
+                 field)
+        rejected(api, api.post("/v1/jobs", json=json_job(params=params)), 422,
+                 "invalid_params", field)
+    for weight in (True, "2"):
+        body = json_job()
+        body["concepts"][1]["weight"] = weight
+        rejected(api, api.post("/v1/jobs", json=body), 422, "invalid_concepts",
+                 "concepts[1].weight")
+    # Whole numbers still go where floats are asked for.
+    assert api.post("/v1/jobs", json=json_job(params={"steps": 3, "width": 128, "height": 128,
+                                                      "guidance_scale": 7})).status_code == 202
+
+
+def test_oversized_headers_are_431_naming_the_limit(make_api):
+    api = make_api(max_header_bytes=8192)
+    r = api.get("/healthz", headers={"X-Big": "a" * 10_000})
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    assert "MAX_HEADER_BYTES" in r.json()["error"]["message"]
+    assert api.get("/healthz", headers={"X-Fine": "a" * 4000}).status_code == 200
