@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
@@ -440,9 +441,12 @@ def _encode_cursor(score: float) -> str:
 
 def _decode_cursor(cursor: str) -> float:
     try:
-        return float(cursor)
+        value = float(cursor)
     except ValueError:
-        raise InvalidCursor("cursor: not a cursor this API returned") from None
+        value = math.nan
+    if not math.isfinite(value):  # "nan" parses, and Redis then refuses the range
+        raise InvalidCursor("cursor: not a cursor this API returned")
+    return value
 
 
 class InvalidCursor(JobError):
