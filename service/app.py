@@ -8,6 +8,7 @@ imports torch: validation uses Pillow and the library's torch-free config.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from magicface_core.version import __version__
@@ -34,6 +36,7 @@ from .api.routes import probes as probe_routes
 from .api.routes.jobs import JOB_ERROR_STATUS
 from .errors import ApiError
 from .queueing import open_queue
+from .reaper import reap
 from .settings import Settings
 from .storage import Storage, StorageError, open_storage
 
@@ -76,10 +79,26 @@ async def _lifespan(app: FastAPI):
     # in threads: an async client, made in the loop that serves.
     app.state.aredis = AsyncRedis.from_url(app.state.settings.redis_url,
                                            socket_connect_timeout=3, socket_timeout=60)
+    reaper = asyncio.create_task(_reap_forever(app))
     try:
         yield
     finally:
+        reaper.cancel()
         await app.state.aredis.aclose()
+
+
+async def _reap_forever(app: FastAPI) -> None:
+    """Fail abandoned jobs (worker_lost) from the gateway too: with no worker alive,
+    nobody else would, and the job would read `running` forever."""
+    s = app.state.settings
+    interval = max(1, s.worker_maintenance_interval_s)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await run_in_threadpool(reap, app.state.redis, app.state.queue, s.result_ttl_s,
+                                    interval)
+        except Exception as e:  # noqa: BLE001 - Redis may be down: the next round retries
+            log.warning("reaper: %s", e)
 
 
 def _our_validation_errors(doc: dict) -> None:

@@ -18,8 +18,8 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job
 
-__all__ = ["JobSerializer", "UnreadableRecord", "open_queue", "fetch_job", "fetch_jobs",
-           "unreadable", "UNREADABLE_MESSAGE"]
+__all__ = ["JobSerializer", "UnreadableRecord", "SafeJob", "open_queue", "fetch_job",
+           "fetch_jobs", "unreadable", "UNREADABLE_MESSAGE"]
 
 # Pickle protocols 2 and up start with the PROTO opcode; named for a clear message.
 _PICKLE_PROTO = b"\x80"
@@ -51,17 +51,36 @@ class JobSerializer:
             raise UnreadableRecord(f"not JSON: {e}") from None
 
 
-def open_queue(name: str, redis: Redis, job_class: type[Job] | None = None) -> Queue:
-    kwargs = {"job_class": job_class} if job_class is not None else {}
-    return Queue(name, connection=redis, serializer=JobSerializer, **kwargs)
+class SafeJob(Job):
+    """An RQ job that never imports a callback: RQ resolves a job's success, failure and
+    stopped callbacks from names stored in its Redis hash, so a planted name would import
+    and call any function (in the gateway too, which fails abandoned jobs). This service
+    registers no callbacks."""
+
+    @property
+    def success_callback(self):
+        return None
+
+    @property
+    def failure_callback(self):
+        return None
+
+    @property
+    def stopped_callback(self):
+        return None
+
+
+def open_queue(name: str, redis: Redis, job_class: type[Job] = SafeJob) -> Queue:
+    return Queue(name, connection=redis, serializer=JobSerializer, job_class=job_class)
 
 
 def fetch_job(job_id: str, redis: Redis) -> Job:
     """The job (rq.exceptions.NoSuchJobError when absent), read as JSON."""
-    return Job.fetch(job_id, connection=redis, serializer=JobSerializer)
+    return SafeJob.fetch(job_id, connection=redis, serializer=JobSerializer)
 
 
-def fetch_jobs(job_ids: list[str], redis: Redis, job_class: type[Job] = Job) -> list[Job | None]:
+def fetch_jobs(job_ids: list[str], redis: Redis,
+               job_class: type[Job] = SafeJob) -> list[Job | None]:
     return job_class.fetch_many(job_ids, connection=redis, serializer=JobSerializer)
 
 

@@ -24,8 +24,9 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
-from service import events, jobs, keys
-from service.queueing import JobSerializer, fetch_job, fetch_jobs
+from service import jobs, keys
+from service.queueing import JobSerializer, SafeJob, fetch_jobs
+from service.reaper import reap
 from service.settings import Settings
 from service.storage import Storage, StorageError
 
@@ -36,7 +37,7 @@ from .sweeper import sweep_if_due
 log = logging.getLogger("magicface.worker")
 
 
-class MagicFaceJob(Job):
+class MagicFaceJob(SafeJob):
     """A job whose function is this worker's `tasks.generate`. The name is matched, never
     imported: a job naming any other function is refused (it fails) rather than run.
     Release 0.1's wheel queued it as `magicface_server.worker.tasks.generate`; that
@@ -48,20 +49,6 @@ class MagicFaceJob(Job):
         if name == jobs.TASK or (name or "").endswith("." + jobs.TASK):
             return tasks.generate
         raise ValueError(f"{name!r} is not this worker's task ({jobs.TASK})")
-
-    # RQ imports a job's callbacks by the names stored in its Redis hash, so a planted
-    # name would import and call any function. This service registers none: ignored.
-    @property
-    def success_callback(self):
-        return None
-
-    @property
-    def failure_callback(self):
-        return None
-
-    @property
-    def stopped_callback(self):
-        return None
 
 
 class MagicFaceWorker(SimpleWorker):
@@ -206,20 +193,12 @@ class MagicFaceWorker(SimpleWorker):
         jobs.purge(self.connection, job)
 
     def clean_registries(self):
-        """RQ's maintenance, after which a job it failed (its worker died, or it timed
-        out while nobody watched) gets its terminal event."""
-        before = {q.name: set(q.started_job_registry.get_job_ids()) for q in self.queues}
-        super().clean_registries()
+        """RQ's maintenance; abandoned jobs first, each with its terminal event (the
+        gateways run the same reaper, so this happens with no worker alive too)."""
         for queue in self.queues:
-            for job_id in before[queue.name]:
-                if events.has_terminal(self.connection, job_id):
-                    continue
-                try:
-                    job = fetch_job(job_id, self.connection)
-                    if jobs.status_of(job).terminal:
-                        jobs.publish_end(self.connection, job, queue, self.settings.result_ttl_s)
-                except Exception as e:  # noqa: BLE001 - gone, or Redis went away
-                    log.debug("job %s: not reconciled: %s", job_id, e)
+            reap(self.connection, queue, self.settings.result_ttl_s,
+                 self.settings.worker_maintenance_interval_s, force=True)
+        super().clean_registries()
 
     def work(self, *args, **kwargs):
         self.start_announcing(self.warm)

@@ -128,6 +128,22 @@ def test_killed_worker_fails_its_job_with_worker_lost(file_stack):
     assert file_stack.wait(nxt["id"])["status"] == "succeeded"
 
 
+def test_a_job_whose_only_worker_died_fails_with_no_worker_alive(file_stack):
+    """No surviving worker to notice: the gateway's reaper fails the job worker_lost
+    within WORKER_HEARTBEAT_TTL_S (4 s here) + one maintenance interval (2 s)."""
+    worker = file_stack.start_worker()
+    victim = file_stack.submit_job(trio_job(1), LONG)
+    file_stack.wait(victim["id"], statuses=("running",), min_step=1, timeout=60)
+    file_stack.kill_worker(worker)
+    killed_at = time.monotonic()
+    done = file_stack.wait(victim["id"], statuses=("failed",), timeout=30)
+    took = time.monotonic() - killed_at
+    assert done["error"]["code"] == "worker_lost", done
+    assert took < 4 + 2 + 4, took  # TTL + interval, and a poll's slack on a busy machine
+    events = file_stack.client.get(f"/v1/jobs/{victim['id']}/events").text
+    assert "event: failed" in events  # the stream (and webhooks) hear of the end too
+
+
 def test_two_concept_job_with_s3_storage(redis_db, redis_server, s3_endpoint, tmp_path):
     bucket = f"magicface-{int(time.time() * 1000)}"
     stack = Stack({"REDIS_URL": redis_server, "STORAGE_URL": f"s3://{bucket}/runs",
