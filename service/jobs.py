@@ -29,6 +29,7 @@ from .keys import (
     DURATION_KEY,
     IDEMPOTENCY_KEY,
     OWNER_JOBS_KEY,
+    RETENTION_KEY,
     WEBHOOK_KEY,
     WEBHOOK_LOG_KEY,
     WORKER_ALIVE_KEY,
@@ -128,6 +129,9 @@ def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s:
     job = queue.enqueue_job(job)
     pipe = redis.pipeline()
     pipe.zadd(OWNER_JOBS_KEY.format(owner), {job_id: time.time()})
+    # The index lives as long as its newest job can: queued, run, then kept.
+    waits = (queue_deadline - time.time()) if queue_deadline is not None else 86400
+    pipe.expire(OWNER_JOBS_KEY.format(owner), int(max(0, waits) + timeout_s + ttl))
     due = [d for d in (deadline, queue_deadline) if d is not None]
     if due:
         pipe.zadd(DEADLINES_KEY, {job_id: min(due)})
@@ -205,6 +209,19 @@ def status_of(job: Job) -> JobState:
     return JobState.QUEUED
 
 
+def retain(redis: Redis, job: Job, record_ttl_s: int) -> None:
+    """Index an ended job for the sweeper: everything of it goes `record_ttl_s` from now
+    (the first end counts: a later call does not push the expiry back). The member
+    names the owner too, whose index the sweeper must clean after the record is gone."""
+    owner = ANONYMOUS if unreadable(job) else job.meta.get("owner", ANONYMOUS)
+    redis.zadd(RETENTION_KEY, {retention_member(job.id, owner): time.time() + record_ttl_s},
+               nx=True)
+
+
+def retention_member(job_id: str, owner: str) -> str:
+    return f"{job_id}:{owner}"
+
+
 def publish_end(redis: Redis, job: Job, queue: Queue, record_ttl_s: int) -> bool:
     """The job's terminal event with its final view, if the job has ended (once per
     job: later calls are no-ops). True when the job has ended."""
@@ -212,6 +229,7 @@ def publish_end(redis: Redis, job: Job, queue: Queue, record_ttl_s: int) -> bool
     view = describe(job, queue, refresh=False)
     if not view.status.terminal:
         return False
+    retain(redis, job, record_ttl_s)
     events.publish(redis, job.id, EventType(view.status.value),
                    view.model_dump(mode="json"), record_ttl_s + 3600)
     return True
@@ -354,6 +372,7 @@ def cancel(redis: Redis, job: Job, record_ttl_s: int, queue: Queue,
         except Exception:  # noqa: BLE001 - already dequeued: the flag stops it
             return False
         redis.expire(job.key, record_ttl_s)
+        retain(redis, job, record_ttl_s)
         metrics.count(redis, f"jobs_{state.value}")
         metrics.count(redis, f"queued_{state.value}")
         events.publish(redis, job.id, EventType(state.value),
@@ -480,6 +499,7 @@ def purge(redis: Redis, job: Job) -> None:
                  WEBHOOK_KEY.format(jid), WEBHOOK_LOG_KEY.format(jid), CANCEL_KEY.format(jid))
     redis.zrem(OWNER_JOBS_KEY.format(job.meta.get("owner", ANONYMOUS)), jid)
     redis.zrem(DEADLINES_KEY, jid)
+    redis.zrem(RETENTION_KEY, retention_member(jid, job.meta.get("owner", ANONYMOUS)))
 
 
 def idempotency_name(owner: str, key: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["REAPER_LOCK", "CANCEL_KEY", "IDEMPOTENCY_KEY", "WORKER_ALIVE_KEY", "METRICS_KEY",
            "DURATION_KEY", "EVENTS_KEY", "WEBHOOK_KEY", "WEBHOOK_LOG_KEY", "WEBHOOK_DUE_KEY",
-           "DEADLINES_KEY", "OWNER_JOBS_KEY", "DELETED_KEY"]
+           "DEADLINES_KEY", "OWNER_JOBS_KEY", "DELETED_KEY", "RETENTION_KEY"]
 
 # A job's cancel flag: set by the gateway, read by the worker's step callback.
 CANCEL_KEY = "magicface:cancel:{}"
@@ -29,5 +29,8 @@ DEADLINES_KEY = "magicface:deadlines"
 OWNER_JOBS_KEY = "magicface:owner:{}:jobs"
 # A job deleted while running: hidden at once, removed by its worker when it stops.
 DELETED_KEY = "magicface:deleted:{}"
+# Ended jobs by the time their retention ends (RESULT_TTL_S after the end): the
+# sweeper deletes what is due.
+RETENTION_KEY = "magicface:retention"
 # Held (SET NX EX) by the one process that reaps abandoned jobs this interval.
 REAPER_LOCK = "magicface:reaper-lock:{}"

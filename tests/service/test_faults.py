@@ -133,7 +133,7 @@ def test_two_gateways_racing_one_idempotency_key(redis_db, redis_server, s3_endp
 def test_nothing_of_a_job_is_left_after_its_ttl(redis_db, redis_server, tmp_path):
     store = tmp_path / "store"
     stack = stack_for(tmp_path, "ttl", REDIS_URL=redis_server, STORAGE_URL=f"file://{store}",
-                      RESULT_TTL_S=4, SWEEP_INTERVAL_S=1, ORPHAN_GRACE_S=2, **FAST_WORKER)
+                      RESULT_TTL_S=8, SWEEP_INTERVAL_S=3, **FAST_WORKER)  # grace: 1 h
     try:
         stack.start_gateway()
         stack.start_worker()
@@ -142,14 +142,26 @@ def test_nothing_of_a_job_is_left_after_its_ttl(redis_db, redis_server, tmp_path
         job_dir = store / "jobs" / job["id"]
         # Inputs go when the job ends; the outputs stay while the record lives.
         assert not (job_dir / "input").exists() and (job_dir / "output" / "image.png").exists()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and job_dir.exists():
+        ended = time.monotonic()
+        # RESULT_TTL_S + SWEEP_INTERVAL_S + one sweep, and slack for a busy machine.
+        deadline = ended + 8 + 3 + 3 + 6
+        from service import events
+        from service.keys import OWNER_JOBS_KEY, RETENTION_KEY
+
+        while time.monotonic() < deadline and (
+                job_dir.exists() or redis_db.zcard(RETENTION_KEY)):
             time.sleep(0.5)
+        gone_after = time.monotonic() - ended
         assert not job_dir.exists(), sorted(p.name for p in job_dir.rglob("*"))
-        gone_after = 30 - (deadline - time.monotonic())
-        print(f"RESULT_TTL_S=4: the job's objects were gone {gone_after:.1f} s after it "
-              "succeeded")
+        print(f"RESULT_TTL_S=8, SWEEP_INTERVAL_S=3: the job's objects were gone "
+              f"{gone_after:.1f} s after it succeeded")
         assert stack.client.get(f"/v1/jobs/{job['id']}").status_code == 404
+        left = [k for k in (f"rq:job:{job['id']}", events.events_key(job["id"]))
+                if redis_db.exists(k)]
+        assert left == [], left
+        assert redis_db.zcard(RETENTION_KEY) == 0
+        assert redis_db.zscore(OWNER_JOBS_KEY.format("public"), job["id"]) is None
+        assert redis_db.ttl(OWNER_JOBS_KEY.format("public")) in (-2, *range(1, 10**7))
     finally:
         stack.stop()
 

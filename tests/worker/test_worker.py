@@ -203,8 +203,10 @@ def test_uploads_go_when_the_job_ends_unless_kept(runtime, keep):
     assert rt.storage.exists(request_key(job.id)) == keep
 
 
-def test_the_sweeper_deletes_what_no_record_names(runtime):
-    from worker.sweeper import sweep
+def test_the_sweeper_deletes_what_is_due_and_orphans_past_their_grace(runtime):
+    from service import events
+    from service.keys import RETENTION_KEY
+    from worker.sweeper import sweep_due, sweep_orphans
 
     rt, queue = runtime
     kept = submit(rt.storage, queue)  # has a record
@@ -213,9 +215,20 @@ def test_the_sweeper_deletes_what_no_record_names(runtime):
     rt.storage.put(f"jobs/{young}/input/image_0", b"x")  # a job being created right now
     old = time.time() - 120
     os.utime(rt.storage.root / f"jobs/{expired}/output/image.png", (old, old))
-    assert sweep(rt.storage, rt.redis, grace_s=60) == [expired]
+    assert sweep_orphans(rt.storage, rt.redis, grace_s=60) == [expired]
     ages = rt.storage.job_ages()
     assert kept.id in ages and young in ages and expired not in ages
+    # A job that ended is indexed; once due, all of it goes, and only then.
+    run_burst(rt, queue)
+    assert describe(kept, queue)["status"] == "succeeded"
+    due_at = rt.redis.zscore(RETENTION_KEY, f"{kept.id}:public")
+    assert due_at is not None and due_at > time.time()
+    assert sweep_due(rt.storage, rt.redis) == []
+    assert rt.storage.exists(f"jobs/{kept.id}/output/image.png")
+    assert sweep_due(rt.storage, rt.redis, now=due_at + 1) == [kept.id]
+    assert not rt.storage.job_ages().get(kept.id)
+    assert not rt.redis.exists(f"rq:job:{kept.id}", events.events_key(kept.id))
+    assert rt.redis.zcard(RETENTION_KEY) == 0
 
 
 def tiny_safety_checker(folder, threshold: float):
