@@ -24,11 +24,19 @@ K8S = ROOT / "deploy" / "k8s"
 KNOWN = {name.upper() for name in Settings.model_fields}
 
 
-def compose_config(path: Path) -> subprocess.CompletedProcess:
+# The compose file requires REDIS_PASSWORD (no default): `config` fails without it.
+REDIS_PASSWORD = "0123abcd" * 8
+
+
+def compose_config(path: Path, *, password: str | None = REDIS_PASSWORD,
+                   quiet: bool = True) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose (Debian's package) is needed to check the compose file"
-    return subprocess.run([exe, "-f", str(path), "config", "-q"], capture_output=True,
-                          text=True, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
+    if password is not None:
+        env["REDIS_PASSWORD"] = password
+    return subprocess.run([exe, "-f", str(path), "config", *(["-q"] if quiet else [])],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 def test_compose_file_is_valid_and_a_typo_is_caught(tmp_path):
@@ -38,6 +46,12 @@ def test_compose_file_is_valid_and_a_typo_is_caught(tmp_path):
     bad.write_text((ROOT / "docker-compose.yml").read_text().replace(
         "    restart: unless-stopped  # a worker", "    restartt: unless-stopped  # a worker"))
     assert compose_config(bad).returncode != 0
+    # A copy (tmp_path has no .env): without REDIS_PASSWORD compose refuses to start.
+    plain = tmp_path / "plain" / "docker-compose.yml"
+    plain.parent.mkdir()
+    plain.write_text((ROOT / "docker-compose.yml").read_text())
+    proc = compose_config(plain, password=None)
+    assert proc.returncode != 0 and "REDIS_PASSWORD" in proc.stderr, proc.stderr
 
 
 def test_compose_services_as_an_operator_needs_them():
@@ -65,6 +79,36 @@ def test_compose_services_as_an_operator_needs_them():
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "hf-cache:/data/hf" in worker["volumes"]
+
+
+def test_compose_redis_requires_the_password_and_every_client_sends_it():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    redis = services["redis"]
+    assert "ports" not in redis  # not published
+    cmd = redis["command"]
+    assert cmd[0] == "redis-server" and "--requirepass" in cmd
+    # Required (`:?`), never a default a deployment could run with.
+    assert cmd[cmd.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?"), cmd
+    # The healthcheck authenticates, and wants PONG (redis-cli exits 0 on NOAUTH).
+    assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    users = {name for name, s in services.items() if "REDIS_URL" in s.get("environment", {})}
+    assert {"api", "worker"} <= users
+    for name in users:
+        url = services[name]["environment"]["REDIS_URL"]
+        assert url.startswith("redis://:${REDIS_PASSWORD:?") and url.endswith("@redis:6379/0"), \
+            (name, url)
+    # And as compose resolves it.
+    proc = compose_config(ROOT / "docker-compose.yml", quiet=False)
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)["services"]
+    cmd = resolved["redis"]["command"]
+    assert cmd[cmd.index("--requirepass") + 1] == REDIS_PASSWORD
+    assert "ports" not in resolved["redis"]
+    for name in users:
+        assert resolved[name]["environment"]["REDIS_URL"] == \
+            f"redis://:{REDIS_PASSWORD}@redis:6379/0", name
 
 
 def _stages(text: str) -> dict[str, str]:
@@ -163,9 +207,9 @@ def test_kubernetes_manifests_validate_and_a_typo_is_caught():
     docs = _manifests()
     kinds = {d["kind"] for _, d in docs}
     assert {"Deployment", "Service", "Job", "ConfigMap", "Secret", "ScaledObject",
-            "HorizontalPodAutoscaler"} <= kinds
+            "TriggerAuthentication", "HorizontalPodAutoscaler"} <= kinds
     for _, doc in docs:
-        if doc["kind"] == "ScaledObject":  # a KEDA CRD: checked below
+        if doc["apiVersion"].startswith("keda.sh/"):  # KEDA's CRDs: checked below
             continue
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
     bad = next(d for _, d in docs if d["kind"] == "Deployment")
@@ -189,6 +233,8 @@ def test_workers_scale_on_the_queue_with_one_gpu_each():
     assert scaled["minReplicaCount"] == 0 and scaled["maxReplicaCount"] >= 1
     trigger = scaled["triggers"][0]
     assert trigger["type"] == "redis"
+    # KEDA's redis scaler reads listName from the trigger only (no listNameFromEnv), so
+    # it is a literal: it must be RQ's list for the ConfigMap's QUEUE_NAME.
     assert trigger["metadata"]["listName"] == f"rq:queue:{config['QUEUE_NAME']}"
     assert trigger["metadata"]["address"].split(":")[0] == "magicface-redis"
     assert ("Service", "magicface-redis") in docs
@@ -198,6 +244,62 @@ def test_workers_scale_on_the_queue_with_one_gpu_each():
     assert "nvidia.com/gpu" not in str(gw["resources"])
     hpa = docs["HorizontalPodAutoscaler", "magicface-gateway"]["spec"]
     assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def _secret_ref(env: dict) -> tuple[str, str] | None:
+    ref = env.get("valueFrom", {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+def _containers(docs: dict) -> list[tuple[str, dict]]:
+    return [(f"{kind}/{name}/{c['name']}", c) for (kind, name), d in docs.items()
+            if kind in ("Deployment", "Job") for c in d["spec"]["template"]["spec"]["containers"]]
+
+
+def test_kubernetes_redis_requires_the_secrets_password_and_every_client_sends_it():
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in _manifests()}
+    redis = docs["Deployment", "magicface-redis"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in redis["env"]}
+    secret = _secret_ref(env["REDIS_PASSWORD"])
+    assert secret, "Redis's password comes from a Secret"
+    args = redis["args"]
+    assert args[0] == "redis-server" and args[args.index("--requirepass") + 1] == \
+        "$(REDIS_PASSWORD)", args
+    # The probe authenticates, and wants PONG (redis-cli exits 0 on NOAUTH).
+    assert env["REDISCLI_AUTH"]["value"] == "$(REDIS_PASSWORD)"
+    probe = " ".join(redis["readinessProbe"]["exec"]["command"])
+    assert "redis-cli ping" in probe and "PONG" in probe
+    service = docs["Service", "magicface-redis"]["spec"]["ports"][0]["port"]
+    # Every container with a REDIS_URL builds it from a variable defined (before it) from
+    # the same Secret; none gets a password-less one from a ConfigMap or Secret literal.
+    for _, d in _manifests():
+        if d["kind"] in ("ConfigMap", "Secret"):
+            assert "REDIS_URL" not in {**d.get("data", {}), **d.get("stringData", {})}
+    users = set()
+    for where, c in _containers(docs):
+        names = [e["name"] for e in c.get("env", [])]
+        if "REDIS_URL" not in names:
+            continue
+        users.add(where.split("/")[1])
+        url = c["env"][names.index("REDIS_URL")]["value"]
+        var = url.removeprefix("redis://:").split("@")[0]
+        assert var.startswith("$(") and var.endswith(")"), (where, url)
+        assert var[2:-1] in names[:names.index("REDIS_URL")], (where, "defined after")
+        assert _secret_ref(c["env"][names.index(var[2:-1])]) == secret, where
+        assert url.endswith(f"@magicface-redis:{service}/0"), (where, url)
+    assert {"magicface-gateway", "magicface-worker"} <= users
+    # KEDA authenticates with the same Secret, through a TriggerAuthentication.
+    trigger = docs["ScaledObject", "magicface-worker"]["spec"]["triggers"][0]
+    assert "password" not in trigger["metadata"]
+    auth = docs["TriggerAuthentication", trigger["authenticationRef"]["name"]]["spec"]
+    assert {"parameter": "password", "name": secret[0], "key": secret[1]} in \
+        auth["secretTargetRef"]
+    # The Secret is created by the operator (deploy/README.md), not shipped with a
+    # placeholder that re-applying would write over the real password.
+    assert ("Secret", secret[0]) not in docs
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert f"kubectl create secret generic {secret[0]}" in readme
+    assert f"--from-literal={secret[1]}=" in readme
 
 
 def test_bucket_init_is_idempotent_against_s3(tmp_path):
