@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,8 +47,6 @@ class Runtime:
     redis: Redis
     safety: Any = None  # a SafetyChecker when SAFETY_CHECKER is warn or block
     weights_sha256: str | None = None  # of the loaded model, for the job's record
-    # Jobs sampled in a batch before RQ performs them: job id -> what `generate` returns.
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
 
 
 RUNTIME: Runtime | None = None
@@ -176,9 +174,6 @@ def generate(job_id: str) -> dict:
     rt = RUNTIME
     if rt is None:
         raise RuntimeError("the worker runtime is not initialised")
-    done = rt.outcomes.pop(job_id, None)
-    if done is not None:  # sampled in a batch (worker.MagicFaceWorker.execute_batch)
-        return done.get()
     job = get_current_job()
     try:
         begun = begin(rt, job, job_id)

@@ -43,12 +43,19 @@ class MagicFaceJob(SafeJob):
     Release 0.1's wheel queued it as `magicface_server.worker.tasks.generate`; that
     name still maps to the task."""
 
+    # A job sampled in a batch carries its outcome here (set by the worker that sampled
+    # it) for RQ's call of the function to hand back: a value on the job, not a global.
+    outcome: tasks.Outcome | None = None
+
     @property
     def func(self):
         name = self.func_name  # DeserializationError for a record that is not JSON
-        if name == jobs.TASK or (name or "").endswith("." + jobs.TASK):
-            return tasks.generate
-        raise ValueError(f"{name!r} is not this worker's task ({jobs.TASK})")
+        if not (name == jobs.TASK or (name or "").endswith("." + jobs.TASK)):
+            raise ValueError(f"{name!r} is not this worker's task ({jobs.TASK})")
+        if self.outcome is not None:
+            done = self.outcome
+            return lambda *args, **kwargs: done.get()
+        return tasks.generate
 
 
 class MagicFaceWorker(SimpleWorker):
@@ -57,6 +64,7 @@ class MagicFaceWorker(SimpleWorker):
     def __init__(self, queues, *, settings: Settings, connection: Redis, model: str,
                  storage: Storage | None = None, **kwargs):
         self.settings = settings
+        self.signaled = False  # a stop signal arrived (see request_stop)
         self.model = model
         self.storage = storage  # swept for expired jobs' objects when given
         hb = settings.worker_heartbeat_ttl_s
@@ -137,13 +145,11 @@ class MagicFaceWorker(SimpleWorker):
 
     @property
     def stop_requested(self) -> bool:
-        # RQ sets _stop_requested only when a signal finds it busy; an idle worker
-        # leaves its loop by an exception instead, so the signal is noted here too.
-        return bool(getattr(self, "_stop_requested", False) or getattr(self, "_signaled",
-                                                                        False))
+        """A stop signal arrived (RQ's handler, `request_stop`, is where we note it)."""
+        return self.signaled
 
     def request_stop(self, signum, frame):
-        self._signaled = True
+        self.signaled = True
         return super().request_stop(signum, frame)
 
     def heartbeat(self, *args, **kwargs):
@@ -160,16 +166,21 @@ class MagicFaceWorker(SimpleWorker):
         return self._through_outage("maintenance", super().run_maintenance_tasks, *args,
                                     **kwargs)
 
-    # RQ records a job's end here (success, or failure with its traceback); a Redis
-    # outage at that moment must delay the record, not lose the worker. Once recorded,
-    # the job's terminal event goes out (the view then shows the final state).
-    def _finalize_success(self, job: Job, queue: Queue, *args, **kwargs):
-        self._through_outage("job success record", super()._finalize_success, job, queue,
+    # RQ records a job's end in these public hooks (its end time, then success, or
+    # failure with its traceback); a Redis outage at that moment must delay the record,
+    # not lose the worker. Once recorded, the job's terminal event goes out (the view
+    # then shows the final state).
+    def handle_execution_ended(self, *args, **kwargs):
+        return self._through_outage("job end time", super().handle_execution_ended, *args,
+                                    **kwargs)
+
+    def handle_job_success(self, job: Job, queue: Queue, *args, **kwargs):
+        self._through_outage("job success record", super().handle_job_success, job, queue,
                              *args, **kwargs)
         self._ended(job, queue)
 
-    def _finalize_failure(self, job: Job, queue: Queue, *args, **kwargs):
-        self._through_outage("job failure record", super()._finalize_failure, job, queue,
+    def handle_job_failure(self, job: Job, queue: Queue, *args, **kwargs):
+        self._through_outage("job failure record", super().handle_job_failure, job, queue,
                              *args, **kwargs)
         self._ended(job, queue)
 
@@ -252,9 +263,6 @@ class MagicFaceWorker(SimpleWorker):
         finally:
             stop.set()
             thread.join(timeout=5)
-            if tasks.RUNTIME is not None:  # an outcome RQ did not collect is dropped
-                for j in batch:
-                    tasks.RUNTIME.outcomes.pop(j.id, None)
         self.set_state(WorkerStatus.IDLE)
 
     # -- batching across requests ------------------------------------------------------
@@ -301,10 +309,11 @@ class MagicFaceWorker(SimpleWorker):
         timeout = min(j.timeout or self.queue_class.DEFAULT_TIMEOUT for j in batch)
         try:
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=batch[0].id):
-                rt.outcomes.update(tasks.generate_batch(rt, batch))
+                outcomes = tasks.generate_batch(rt, batch)
         except JobTimeoutException as e:
-            for j in batch:
-                rt.outcomes[j.id] = tasks.Outcome(error=e)
+            outcomes = {j.id: tasks.Outcome(error=e) for j in batch}
+        for j in batch:
+            j.outcome = outcomes.get(j.id)
 
 
 # How many queued jobs a worker looks at for companions of its job.
