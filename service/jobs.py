@@ -21,7 +21,7 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from . import events, metrics
+from . import events, fairness, metrics
 from .keys import (
     CANCEL_KEY,
     DEADLINES_KEY,
@@ -126,7 +126,9 @@ def enqueue(queue: Queue, job_id: str, steps: int, timeout_s: int, result_ttl_s:
     # always comes after it.
     events.publish(redis, job_id, EventType.QUEUED,
                    describe(job, queue, refresh=False).model_dump(mode="json"), ttl)
+    fairness.note_owner(redis, queue, job_id, owner)
     job = queue.enqueue_job(job)
+    fairness.place(redis, queue, job_id, owner)  # round-robin between keys
     pipe = redis.pipeline()
     pipe.zadd(OWNER_JOBS_KEY.format(owner), {job_id: time.time()})
     # The index lives as long as its newest job can: queued, run, then kept.
@@ -499,6 +501,7 @@ def purge(redis: Redis, job: Job) -> None:
                  WEBHOOK_KEY.format(jid), WEBHOOK_LOG_KEY.format(jid), CANCEL_KEY.format(jid))
     redis.zrem(OWNER_JOBS_KEY.format(job.meta.get("owner", ANONYMOUS)), jid)
     redis.zrem(DEADLINES_KEY, jid)
+    fairness.forget(redis, job.origin, jid)
     redis.zrem(RETENTION_KEY, retention_member(jid, job.meta.get("owner", ANONYMOUS)))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["REAPER_LOCK", "CANCEL_KEY", "IDEMPOTENCY_KEY", "WORKER_ALIVE_KEY", "METRICS_KEY",
            "DURATION_KEY", "EVENTS_KEY", "WEBHOOK_KEY", "WEBHOOK_LOG_KEY", "WEBHOOK_DUE_KEY",
-           "DEADLINES_KEY", "OWNER_JOBS_KEY", "DELETED_KEY", "RETENTION_KEY"]
+           "DEADLINES_KEY", "OWNER_JOBS_KEY", "DELETED_KEY", "RETENTION_KEY", "QUEUED_OWNER_KEY"]
 
 # A job's cancel flag: set by the gateway, read by the worker's step callback.
 CANCEL_KEY = "magicface:cancel:{}"
@@ -32,5 +32,7 @@ DELETED_KEY = "magicface:deleted:{}"
 # Ended jobs by the time their retention ends (RESULT_TTL_S after the end): the
 # sweeper deletes what is due.
 RETENTION_KEY = "magicface:retention"
+# Queued job -> its owner (per queue), for fair order and per-key quotas.
+QUEUED_OWNER_KEY = "magicface:queued-owner:{}"
 # Held (SET NX EX) by the one process that reaps abandoned jobs this interval.
 REAPER_LOCK = "magicface:reaper-lock:{}"

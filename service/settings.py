@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = 30.0  # a request body that stalls this long is dropped (408)
     upload_concurrency: int = Field(default=2, ge=1)  # job submissions read at once
     max_queued: int = Field(default=1000, ge=1)  # beyond this many queued jobs: 429
+    max_queued_per_key: int = Field(default=100, ge=1)  # one API key's queued jobs (429)
     queue_ttl_s: int = Field(default=86400, ge=1)  # a job not started by then: expired
     max_wait_s: int = Field(default=60, ge=0, le=300)  # the longest `Prefer: wait=N`
     # https image inputs in JSON bodies: the hosts allowed (empty: URL inputs are off).

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from redis import Redis
 from rq import get_current_job
 
-from service import events, jobs, keys, metrics
+from service import events, fairness, jobs, keys, metrics
 from service.queueing import open_queue
 from service.schemas import ErrorCode, EventType, JobState
 from service.settings import Settings
@@ -244,6 +244,10 @@ def begin(rt: Runtime, job, job_id: str) -> Begun | dict:
     """The job's start: its cancel flag and deadlines (a dict: it ended before it ran),
     then `running`, the started event, and its inputs loaded and configured."""
     started = time.monotonic()
+    try:
+        fairness.forget(rt.redis, job.origin, job_id)  # out of the queue for good
+    except REDIS_DOWN as e:  # the sweeper drops it with the job
+        log.warning("job %s: queue owner entry kept: %s", job_id, e)
     flag = retry(lambda: rt.redis.get(keys.CANCEL_KEY.format(job_id)), errors=REDIS_DOWN,
                  within_s=rt.settings.redis_retry_s, what=f"job {job_id}: cancel flag")
     due = [float(d) for d in (job.meta.get("deadline"), job.meta.get("queue_deadline"))

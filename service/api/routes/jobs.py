@@ -18,7 +18,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
-from ... import events, jobs
+from ... import events, fairness, jobs
 from ...errors import ApiError
 from ...keys import CANCEL_KEY, WEBHOOK_DUE_KEY, WEBHOOK_LOG_KEY
 from ...schemas import (
@@ -104,7 +104,7 @@ async def create_job(
 ) -> JSONResponse:
     wait = parse_prefer_wait(prefer, settings)
     lifetime = parse_cancel_after(cancel_after)
-    await _thread(request, lambda: _check_queue_room(redis, queue, settings))
+    await _thread(request, lambda: _check_queue_room(redis, queue, settings, owner))
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         sub = await from_multipart(request, settings)
@@ -129,17 +129,28 @@ async def create_job(
     return _view_response(view, 201 if view.status.terminal else 202, headers)
 
 
-def _check_queue_room(redis: Redis, queue: Queue, settings: Settings) -> None:
+def _check_queue_room(redis: Redis, queue: Queue, settings: Settings, owner: str) -> None:
+    """429 when the queue holds MAX_QUEUED jobs, or this key MAX_QUEUED_PER_KEY (that
+    key's alone: the others still submit)."""
     queued = queue.count
-    if queued < settings.max_queued:
-        return
+    if queued >= settings.max_queued:
+        raise ApiError(429, "queue_full", f"the queue holds {queued} jobs (at most "
+                                          f"{settings.max_queued}); retry later",
+                       headers={"Retry-After": _retry_after(redis, queue,
+                                                            queued - settings.max_queued)})
+    mine = fairness.queued_for(redis, queue, owner)
+    if mine >= settings.max_queued_per_key:
+        raise ApiError(429, "key_queue_full",
+                       f"this API key has {mine} jobs queued (at most "
+                       f"{settings.max_queued_per_key}, MAX_QUEUED_PER_KEY); retry later",
+                       headers={"Retry-After": _retry_after(
+                           redis, queue, mine - settings.max_queued_per_key)})
+
+
+def _retry_after(redis: Redis, queue: Queue, over: int) -> str:
     mean = jobs.mean_duration(redis)
     workers = max(1, len(jobs.live_workers(redis, queue.name)))
-    retry_s = 30 if mean is None else max(1, int(mean * (queued - settings.max_queued + 1)
-                                                 / workers))
-    raise ApiError(429, "queue_full", f"the queue holds {queued} jobs (at most "
-                                      f"{settings.max_queued}); retry later",
-                   headers={"Retry-After": str(retry_s)})
+    return str(30 if mean is None else max(1, int(mean * (over + 1) / workers)))
 
 
 async def _wait_for_end(request: Request, job_id: str, seconds: int) -> bool:
