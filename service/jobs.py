@@ -32,7 +32,6 @@ from .keys import (
     RETENTION_KEY,
     WEBHOOK_KEY,
     WEBHOOK_LOG_KEY,
-    WORKER_ALIVE_KEY,
 )
 from .queueing import UNREADABLE_MESSAGE, fetch_job, unreadable
 from .schemas import (
@@ -46,6 +45,7 @@ from .schemas import (
     Progress,
     Reproducibility,
 )
+from .workers import live_workers
 
 __all__ = ["JOB_FUNC", "TASK", "JobError", "JobNotFound", "JobFinished", "IdempotencyConflict",
            "new_job_id", "enqueue", "fetch", "status_of", "describe", "cancel",
@@ -235,23 +235,6 @@ def publish_end(redis: Redis, job: Job, queue: Queue, record_ttl_s: int) -> bool
     events.publish(redis, job.id, EventType(view.status.value),
                    view.model_dump(mode="json"), record_ttl_s + 3600)
     return True
-
-
-def live_workers(redis: Redis, queue_name: str, warm: bool | None = True) -> list[dict]:
-    """The registered workers (with their model loaded) serving `queue_name`: the warm
-    ones (ready: WARMUP_SHAPES compiled), the warming ones (`warm=False`), or all
-    (`warm=None`). A worker from before warm-up existed counts as warm."""
-    out = []
-    for k in redis.scan_iter(WORKER_ALIVE_KEY.format("*")):
-        raw = redis.get(k)
-        if raw is None:
-            continue
-        info = json.loads(raw)
-        if not info.get("model_loaded") or info.get("queue", queue_name) != queue_name:
-            continue
-        if warm is None or bool(info.get("warm", True)) == warm:
-            out.append(info)
-    return out
 
 
 def mean_duration(redis: Redis) -> float | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __all__ = ["REAPER_LOCK", "CANCEL_KEY", "IDEMPOTENCY_KEY", "WORKER_ALIVE_KEY", "METRICS_KEY",
            "DURATION_KEY", "EVENTS_KEY", "WEBHOOK_KEY", "WEBHOOK_LOG_KEY", "WEBHOOK_DUE_KEY",
-           "DEADLINES_KEY", "OWNER_JOBS_KEY", "DELETED_KEY", "RETENTION_KEY", "QUEUED_OWNER_KEY"]
+           "DEADLINES_KEY", "OWNER_JOBS_KEY", "DELETED_KEY", "RETENTION_KEY", "QUEUED_OWNER_KEY",
+           "WORKERS_KEY"]
 
 # A job's cancel flag: set by the gateway, read by the worker's step callback.
 CANCEL_KEY = "magicface:cancel:{}"
@@ -12,6 +13,8 @@ CANCEL_KEY = "magicface:cancel:{}"
 IDEMPOTENCY_KEY = "magicface:idem:{}"
 # A worker's liveness record (JSON, short TTL): what /readyz reads.
 WORKER_ALIVE_KEY = "magicface:worker:{}"
+# Per queue: worker name -> when its registration lapses (service.workers).
+WORKERS_KEY = "magicface:workers:{}"
 # Counters (a hash) and the job-duration histogram (a hash of cumulative buckets).
 METRICS_KEY = "magicface:metrics"
 DURATION_KEY = "magicface:metrics:duration"

@@ -1,4 +1,9 @@
-"""Prometheus metrics, read from Redis at scrape time (the worker writes counters there)."""
+"""Prometheus metrics, read from Redis at scrape time (the worker writes counters there).
+
+Every value is the cluster's (the whole queue, all workers), so every gateway replica
+exports the same series: aggregate them with max(), never sum() (the shipped recording
+rules, deploy/prometheus-rules.yaml, do). Current states are gauges; events are
+counters named `_total`."""
 
 from __future__ import annotations
 
@@ -8,12 +13,7 @@ from redis import Redis
 from rq import Queue
 
 from .keys import DURATION_KEY, METRICS_KEY
-
-
-def live_workers(redis: Redis, queue_name: str) -> list[dict]:
-    from .jobs import live_workers as live  # jobs imports this module
-
-    return live(redis, queue_name)
+from .workers import live_workers
 
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
@@ -24,14 +24,17 @@ class RedisCollector:
 
     def collect(self):
         q = self.queue
-        by_status = GaugeMetricFamily("magicface_jobs", "Jobs by status (RQ registries)",
+        by_status = GaugeMetricFamily("magicface_jobs", "Jobs now queued or running",
                                       labels=["status"])
         by_status.add_metric(["queued"], q.count)
         by_status.add_metric(["running"], q.started_job_registry.count)
-        counters = {k.decode(): float(v) for k, v in self.redis.hgetall(METRICS_KEY).items()}
-        for status in ("succeeded", "failed", "canceled", "expired"):
-            by_status.add_metric([status], counters.get(f"jobs_{status}", 0.0))
         yield by_status
+        counters = {k.decode(): float(v) for k, v in self.redis.hgetall(METRICS_KEY).items()}
+        ended = CounterMetricFamily("magicface_jobs_ended", "Jobs that ended, by how",
+                                    labels=["status"])
+        for status in ("succeeded", "failed", "canceled", "expired"):
+            ended.add_metric([status], counters.get(f"jobs_{status}", 0.0))
+        yield ended
         submitted = CounterMetricFamily("magicface_jobs_submitted",
                                         "Jobs accepted by the gateways")
         submitted.add_metric([], counters.get("jobs_submitted", 0.0))

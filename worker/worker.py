@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -24,7 +23,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
-from service import jobs, keys
+from service import jobs, keys, workers
 from service.queueing import JobSerializer, SafeJob, fetch_jobs
 from service.reaper import reap
 from service.settings import Settings
@@ -97,16 +96,14 @@ class MagicFaceWorker(SimpleWorker):
             log.warning("worker registration failed: %s", e)
 
     def _register(self) -> None:
-        info = json.dumps({"name": self.name, "model": self.model, "model_loaded": True,
-                           "warm": self.warm, "ready_s": self.ready_s,
-                           "queue": self.settings.queue_name, "pid": os.getpid(),
-                           "since": self._since})
-        self.connection.set(keys.WORKER_ALIVE_KEY.format(self.name), info,
-                            ex=self.settings.worker_heartbeat_ttl_s)
+        info = {"name": self.name, "model": self.model, "model_loaded": True,
+                "warm": self.warm, "ready_s": self.ready_s, "pid": os.getpid(),
+                "since": self._since}
+        workers.register(self.connection, self.settings.queue_name, self.name, info,
+                         self.settings.worker_heartbeat_ttl_s)
 
     # Registration for /readyz: a short-lived key per worker with its model.
     def _announce(self) -> None:
-        key = keys.WORKER_ALIVE_KEY.format(self.name)
         ttl = self.settings.worker_heartbeat_ttl_s
         last_sweep = 0.0
         while True:
@@ -133,7 +130,7 @@ class MagicFaceWorker(SimpleWorker):
             if self._alive_stop.wait(max(1.0, min(ttl / 3, self.settings.sweep_interval_s))):
                 break
         try:
-            self.connection.delete(key)
+            workers.unregister(self.connection, self.settings.queue_name, self.name)
         except Exception:  # noqa: BLE001
             pass
 

@@ -74,7 +74,7 @@ def test_cache_hit_gives_the_same_image(file_stack):
     assert np.abs(pa - pb).max() <= 2 and np.abs(pa - pb).mean() < 0.05
     metrics = file_stack.client.get("/metrics").text
     assert "magicface_kv_cache_hits_total 2.0" in metrics
-    assert 'magicface_jobs{status="succeeded"} 2.0' in metrics
+    assert 'magicface_jobs_ended_total{status="succeeded"} 2.0' in metrics
     assert "magicface_job_duration_seconds_count 2.0" in metrics
 
 

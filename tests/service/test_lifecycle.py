@@ -265,11 +265,12 @@ def test_openapi_types_uploads_and_errors_for_generators(make_api):
 
 def test_readiness_and_metrics_count_this_queues_workers_and_submissions(make_api):
     api = make_api(queue_name="faces")
-    alive = "magicface:worker:{}"
-    api.redis.set(alive.format("other"), json.dumps({"model_loaded": True, "queue": "other"}))
+    from service.workers import register
+
+    register(api.redis, "other", "other", {"model_loaded": True}, 60)
     r = api.get("/readyz")
     assert r.status_code == 503 and "'faces'" in r.json()["error"]["message"]
-    api.redis.set(alive.format("mine"), json.dumps({"model_loaded": True, "queue": "faces"}))
+    register(api.redis, "faces", "mine", {"model_loaded": True}, 60)
     assert api.get("/readyz").json() == {"status": "ready", "workers": 1, "warming": 0}
     ids = [api.post("/v1/jobs", **multipart()).json()["id"] for _ in range(2)]
     assert api.post(f"/v1/jobs/{ids[0]}/cancel").json()["status"] == "canceled"
@@ -277,7 +278,7 @@ def test_readiness_and_metrics_count_this_queues_workers_and_submissions(make_ap
     assert "magicface_workers 1.0" in text
     assert "magicface_jobs_submitted_total 2.0" in text
     assert 'magicface_jobs_ended_while_queued_total{state="canceled"} 1.0' in text
-    assert 'magicface_jobs{status="canceled"} 1.0' in text
+    assert 'magicface_jobs_ended_total{status="canceled"} 1.0' in text
     assert 'magicface_jobs{status="queued"} 1.0' in text
 
 
@@ -333,3 +334,26 @@ def test_oversized_headers_are_431_naming_the_limit(make_api):
     assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
     assert "MAX_HEADER_BYTES" in r.json()["error"]["message"]
     assert api.get("/healthz", headers={"X-Fine": "a" * 4000}).status_code == 200
+
+
+def test_metrics_are_gauges_or_total_counters_with_max_rules(make_api):
+    """Current states are gauges, events `_total` counters; each exported family has a
+    max() recording rule (replicas export the same cluster-wide values)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    api = make_api()
+    text = api.get("/metrics").text
+    types = dict(re.findall(r"^# TYPE (\w+) (\w+)$", text, re.M))
+    assert types["magicface_jobs"] == "gauge" and types["magicface_queue_depth"] == "gauge"
+    counters = [name for name, kind in types.items() if kind == "counter"]
+    assert len(counters) >= 6 and all(name.endswith("_total") for name in counters), types
+    assert not re.search(r'^magicface_jobs\{status="(succeeded|failed)"', text, re.M)
+    rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" /
+                            "prometheus-rules.yaml").read_text())
+    exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    assert "sum(" not in exprs and "sum without" not in exprs
+    for name in types:
+        assert name in exprs, f"no recording rule reads {name}"

@@ -147,7 +147,7 @@ def test_a_queued_cancel_frees_its_uploads_and_counts(api):
     assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
     left = [p for p in (api.store / f"jobs/{job['id']}").rglob("*") if p.is_file()]
     assert left == []
-    assert 'magicface_jobs{status="canceled"} 1.0' in api.get("/metrics").text
+    assert 'magicface_jobs_ended_total{status="canceled"} 1.0' in api.get("/metrics").text
     ttl = api.app.state.redis.ttl(f"rq:job:{job['id']}")
     assert 0 < ttl <= api.app.state.settings.result_ttl_s  # its record expires too
 
