@@ -138,6 +138,7 @@ def test_a_job_whose_only_worker_died_fails_with_no_worker_alive(file_stack):
     killed_at = time.monotonic()
     done = file_stack.wait(victim["id"], statuses=("failed",), timeout=30)
     took = time.monotonic() - killed_at
+    print(f"the only worker SIGKILLed: its job failed worker_lost {took:.1f} s later")
     assert done["error"]["code"] == "worker_lost", done
     assert took < 4 + 2 + 4, took  # TTL + interval, and a poll's slack on a busy machine
     events = file_stack.client.get(f"/v1/jobs/{victim['id']}/events").text
