@@ -19,7 +19,7 @@ from rq import Queue
 
 from .keys import QUEUED_OWNER_KEY
 
-__all__ = ["place", "queued_for", "forget"]
+__all__ = ["note_owner", "place", "queued_for", "forget"]
 
 # KEYS: the queue list, the job -> owner hash. ARGV: job id, owner.
 # Moves the job (already pushed at the tail by RQ) to its round-robin place.

@@ -51,7 +51,8 @@ __all__ = ["JOB_FUNC", "TASK", "JobError", "JobNotFound", "JobFinished", "Idempo
            "new_job_id", "enqueue", "fetch", "status_of", "describe", "cancel",
            "remember_idempotency", "lookup_idempotency", "idempotency_name", "ANONYMOUS",
            "live_workers", "mean_duration", "publish_end", "list_jobs", "delete", "purge",
-           "expire", "expire_if_due", "legend", "Webhook", "InvalidCursor"]
+           "expire", "expire_if_due", "legend", "Webhook", "InvalidCursor", "retain",
+           "forget_keys"]
 
 # The worker's job function (the `worker` package of the magicface-server distribution).
 TASK = JOB_FUNC = "worker.tasks.generate"
@@ -215,7 +216,7 @@ def retain(redis: Redis, job: Job, record_ttl_s: int) -> None:
     """Index an ended job for the sweeper: everything of it goes `record_ttl_s` from now
     (the first end counts: a later call does not push the expiry back). The member
     names the owner too, whose index the sweeper must clean after the record is gone."""
-    owner = ANONYMOUS if unreadable(job) else job.meta.get("owner", ANONYMOUS)
+    owner = job.meta.get("owner", ANONYMOUS)  # unreadable meta holds no owner: ANONYMOUS
     redis.zadd(RETENTION_KEY, {retention_member(job.id, owner): time.time() + record_ttl_s},
                nx=True)
 
@@ -357,6 +358,7 @@ def cancel(redis: Redis, job: Job, record_ttl_s: int, queue: Queue,
         except Exception:  # noqa: BLE001 - already dequeued: the flag stops it
             return False
         redis.expire(job.key, record_ttl_s)
+        fairness.forget(redis, job.origin, job.id)  # out of the queue for good
         retain(redis, job, record_ttl_s)
         metrics.count(redis, f"jobs_{state.value}")
         metrics.count(redis, f"queued_{state.value}")
@@ -480,12 +482,20 @@ def purge(redis: Redis, job: Job) -> None:
     except Exception:  # noqa: BLE001 - not queued any more
         pass
     job.delete(remove_from_queue=True, delete_dependents=False)
-    redis.delete(events.events_key(jid), events.events_key(jid) + ":terminal",
-                 WEBHOOK_KEY.format(jid), WEBHOOK_LOG_KEY.format(jid), CANCEL_KEY.format(jid))
-    redis.zrem(OWNER_JOBS_KEY.format(job.meta.get("owner", ANONYMOUS)), jid)
-    redis.zrem(DEADLINES_KEY, jid)
     fairness.forget(redis, job.origin, jid)
-    redis.zrem(RETENTION_KEY, retention_member(jid, job.meta.get("owner", ANONYMOUS)))
+    forget_keys(redis, jid, job.meta.get("owner", ANONYMOUS))
+
+
+def forget_keys(redis: Redis, job_id: str, owner: str) -> None:
+    """Remove the job's own Redis keys and index entries (its RQ record aside): what
+    `purge` does after the record, and all the sweeper can do once RQ's TTL took the
+    record first. The retention entry goes last, so a failure leaves it to retry."""
+    redis.delete(events.events_key(job_id), events.events_key(job_id) + ":terminal",
+                 WEBHOOK_KEY.format(job_id), WEBHOOK_LOG_KEY.format(job_id),
+                 CANCEL_KEY.format(job_id))
+    redis.zrem(OWNER_JOBS_KEY.format(owner), job_id)
+    redis.zrem(DEADLINES_KEY, job_id)
+    redis.zrem(RETENTION_KEY, retention_member(job_id, owner))
 
 
 def idempotency_name(owner: str, key: str) -> str:

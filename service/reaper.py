@@ -38,6 +38,8 @@ def reap(redis: Redis, queue: Queue, record_ttl_s: int, interval_s: float,
             continue
         try:
             job = fetch_job(job_id, redis)
+            # status_of on the fetched record first: the running jobs (most of them)
+            # cost no refresh and no view.
             if jobs.status_of(job).terminal and jobs.publish_end(redis, job, queue,
                                                                  record_ttl_s):
                 ended.append(job_id)

@@ -235,15 +235,6 @@ class Stack:
             time.sleep(0.3)
         raise StackError(f"{workers} worker(s) did not become ready within {timeout:.0f} s")
 
-    def start(self, workers: int = 1, timeout: float = 300) -> None:
-        """Redis, the gateway, then `workers` workers, ready."""
-        self.ensure_redis()
-        self.start_gateway()
-        for _ in range(workers):
-            self.start_worker(wait=False)
-        if workers:
-            self.wait_ready(timeout, workers=workers)
-
     # -- running and stopping ------------------------------------------------------------
     def first_exit(self) -> tuple[str, int] | None:
         """The first child (by start order) that has exited, with its code."""
@@ -252,10 +243,6 @@ class Stack:
             if code is not None:
                 return child.name, code
         return None
-
-    def pids(self) -> list[int]:
-        found = [c.proc.pid for c in self._children]
-        return found + ([self.redis_proc.pid] if self.redis_proc is not None else [])
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log" if self.log_dir else None

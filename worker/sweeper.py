@@ -17,14 +17,8 @@ import time
 from redis import Redis
 from rq.exceptions import NoSuchJobError
 
-from service import events, jobs
-from service.keys import (
-    CANCEL_KEY,
-    OWNER_JOBS_KEY,
-    RETENTION_KEY,
-    WEBHOOK_KEY,
-    WEBHOOK_LOG_KEY,
-)
+from service import jobs
+from service.keys import RETENTION_KEY
 from service.queueing import fetch_job
 from service.storage import Storage
 
@@ -49,11 +43,7 @@ def sweep_due(storage: Storage, redis: Redis, now: float | None = None) -> list[
         try:
             jobs.purge(redis, fetch_job(job_id, redis))
         except NoSuchJobError:  # RQ's own TTL took the record first
-            redis.delete(events.events_key(job_id), events.events_key(job_id) + ":terminal",
-                         WEBHOOK_KEY.format(job_id), WEBHOOK_LOG_KEY.format(job_id),
-                         CANCEL_KEY.format(job_id))
-        redis.zrem(OWNER_JOBS_KEY.format(owner), job_id)
-        redis.zrem(RETENTION_KEY, member)
+            jobs.forget_keys(redis, job_id, owner)
         swept.append(job_id)
     if swept:
         log.info("swept %d job(s) past their retention", len(swept))

@@ -118,7 +118,6 @@ def publish(rt: Runtime, job, event: EventType, data: dict) -> None:
 
 
 def _view(rt: Runtime, job) -> dict:
-
     return jobs.describe(job, open_queue(job.origin, rt.redis),
                     refresh=False).model_dump(mode="json")
 
