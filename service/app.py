@@ -96,7 +96,7 @@ async def _reap_forever(app: FastAPI) -> None:
         await asyncio.sleep(interval)
         try:
             await run_in_threadpool(reap, app.state.redis, app.state.queue, s.result_ttl_s,
-                                    interval)
+                                    interval, False, s.reaper_settle_s)
         except Exception as e:  # noqa: BLE001 - Redis may be down: the next round retries
             log.warning("reaper: %s", e)
 

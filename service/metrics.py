@@ -27,7 +27,7 @@ class RedisCollector:
         by_status = GaugeMetricFamily("magicface_jobs", "Jobs now queued or running",
                                       labels=["status"])
         by_status.add_metric(["queued"], q.count)
-        by_status.add_metric(["running"], q.started_job_registry.count)
+        by_status.add_metric(["running"], q.started_job_registry.get_job_count(cleanup=False))
         yield by_status
         counters = {k.decode(): float(v) for k, v in self.redis.hgetall(METRICS_KEY).items()}
         ended = CounterMetricFamily("magicface_jobs_ended", "Jobs that ended, by how",

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
                          "random-weight tiny model (it draws noise)")
 
     @property
+    def reaper_settle_s(self) -> float:
+        """How long a restarted Redis is left alone before abandoned jobs are failed:
+        a heartbeat TTL (three beats of every live worker) plus a maintenance round."""
+        return float(self.worker_heartbeat_ttl_s + self.worker_maintenance_interval_s)
+
+    @property
     def input_url_hosts(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in self.input_url_allowlist.split(",")
                          if h.strip())

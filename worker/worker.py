@@ -25,7 +25,7 @@ from rq.worker import WorkerStatus
 
 from service import jobs, keys, workers
 from service.queueing import JobSerializer, SafeJob, fetch_jobs
-from service.reaper import reap
+from service.reaper import reap, settled
 from service.settings import Settings
 from service.storage import Storage, StorageError
 
@@ -203,6 +203,10 @@ class MagicFaceWorker(SimpleWorker):
     def clean_registries(self):
         """RQ's maintenance; abandoned jobs first, each with its terminal event (the
         gateways run the same reaper, so this happens with no worker alive too)."""
+        settle_s = self.settings.reaper_settle_s
+        if not settled(self.connection, settle_s):
+            # RQ's clean-up would fail the same just-restored jobs, without an event.
+            return
         for queue in self.queues:
             reap(self.connection, queue, self.settings.result_ttl_s,
                  self.settings.worker_maintenance_interval_s, force=True)
