@@ -26,7 +26,7 @@ ERROR_CODES: dict[int, list[str]] = {
           "invalid_image", "word_not_in_prompt", "image_count_mismatch",
           "mask_count_mismatch", "mask_size_mismatch", "masks_required", "invalid_webhook",
           "webhooks_disabled", "invalid_header", "idempotency_conflict", "invalid_cursor"],
-    429: ["queue_full (with Retry-After)"],
+    429: ["queue_full (with Retry-After)", "key_queue_full (with Retry-After)"],
     503: ["unavailable", "redis_unavailable", "storage_unavailable", "no_worker",
           "warming_up"],
 }
