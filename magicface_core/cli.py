@@ -25,8 +25,9 @@ from .cli_checks import (
     parse_concept,
 )
 from .errors import MagicFaceInputError
-from .limits import LIMITS
+from .limits import IMAGE_LIMITS, LIMITS
 from .overlay import concept_color, overlay_semantic_map
+from .rules import DEFAULT_PRESET, DEFAULT_WEIGHT, PRESETS
 
 __all__ = ["main", "build_parser", "parse_concept", "overlay_semantic_map", "save_maps",
            "with_legend"]
@@ -103,7 +104,7 @@ def _sampling_options(g: argparse.ArgumentParser, run: bool) -> None:
     g.add_argument("--width", type=int, default=None,
                    help=f"image width, a multiple of 8 in {lim['width'].describe()} "
                         f"(default: {DEFAULT_SIZE}; {TINY_SIZE} with --tiny)")
-    g.add_argument("--preset", choices=("authors", "paper"), default="authors",
+    g.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
                    help="authors: what the authors' code computes (the published images); "
                         "paper: the paper's equations alone")
     g.add_argument("--negative-prompt", default=None, metavar="TEXT",
@@ -125,8 +126,9 @@ def _sampling_options(g: argparse.ArgumentParser, run: bool) -> None:
 CONCEPT_HELP = """--concept SPEC:
   word=IMAGE[,mask=MASK][,weight=W][,reference_prompt=TEXT][,box=x0:y0:x1:y1]
   word              a word (or phrase) of --prompt that the concept customizes
-  IMAGE, mask=      the reference image and its mask (same size; white = the concept)
-  weight=           RSA/RBA weight, in {weight} (default: 3)
+  IMAGE, mask=      the reference image and its mask (same size; white = the concept;
+                    at most {pixels} pixels, as the API allows)
+  weight=           RSA/RBA weight, in {weight} (default: {default_weight:g})
   reference_prompt= the reference image's own prompt (default: the word); ref= is short
                     for it; a comma in it is kept, quote it to keep a key=value
   box=              narrows the automatic mask (with --sam-checkpoint, no mask=)"""
@@ -136,7 +138,8 @@ GENERATE_EPILOG = """example:
     --concept "hat=hat.jpg,mask=hat_mask.png,weight=2" \\
     --seed 1 --out out.png --save-maps maps.png
 
-""" + CONCEPT_HELP.format(weight=LIMITS["weight"].describe()) + """
+""" + CONCEPT_HELP.format(weight=LIMITS["weight"].describe(),
+                      default_weight=DEFAULT_WEIGHT, pixels=IMAGE_LIMITS["pixels"]) + """
 
 Every input is checked before the model loads; bad input exits with status 2."""
 RUN_EPILOG = """example:

@@ -22,8 +22,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import MagicFaceInputError
-from .inputs import word_in_prompt
-from .limits import LIMITS, TEXT_LIMITS
+from .limits import IMAGE_LIMITS, LIMITS, TEXT_LIMITS
+from .rules import concept_problems, prompt_problems, word_in_prompt
 
 __all__ = ["parse_concept", "CONCEPT_KEYS", "CONCEPT_KEY_ALIASES", "IMAGE_SUFFIXES",
            "word_in_prompt", "check_limit", "check_text", "check_prompt", "check_concepts",
@@ -148,9 +148,9 @@ def check_text(name: str, value: Any, label: str) -> None:
 
 
 def check_prompt(prompt: Any, label: str = "--prompt") -> None:
-    check_text("prompt", prompt, label)
-    if not prompt.strip():
-        raise _fail(f"{label} must not be empty")
+    problems = prompt_problems(prompt)
+    if problems:
+        raise _fail(problems[0].text(label))
 
 
 # -- files ------------------------------------------------------------------------------
@@ -168,10 +168,25 @@ def check_image_file(path: Any, label: str) -> tuple[int, int]:
         raise _fail(f"{label}: no such file: {path}")
     if not p.is_file():
         raise _fail(f"{label}: not a file: {path}")
+    _check_pixels(p, label)
     try:
         return load_image(p, label).size
     except MagicFaceInputError as e:
         raise _fail(f"{e} ({path} is not a decodable image)") from None
+
+
+def _check_pixels(path: Path, label: str) -> None:
+    """The gateway's pixel limit, read from the header before anything is decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - not an image: the decode below says so
+        return
+    most = IMAGE_LIMITS["pixels"]
+    if w * h > most:
+        raise _fail(f"{label}: {w}x{h} exceeds the {most}-pixel limit ({path})")
 
 
 def check_sam_checkpoint(path: str | None, label: str = "--sam-checkpoint") -> None:
@@ -195,28 +210,13 @@ def check_concepts(prompt: str, concepts: Sequence[dict], label: Callable[[int, 
     """Every concept (a dict of Concept's fields, `image`/`mask` as file paths) against
     the prompt, the limits and its files. `label(i, field)` names concept i's field in
     the messages (field "" for the concept as a whole; i = -1 for the list)."""
-    most = int(LIMITS["concepts"].high)
-    if len(concepts) > most:
-        raise _fail(f"{label(-1, '')}: too many concepts: at most {most}, got {len(concepts)}")
-    seen: set[str] = set()
+    # The text fields by the rule book (the library's and the gateway's), then files.
+    # No concept: plain Stable Diffusion, as the library allows.
+    problems = concept_problems(prompt, concepts, least=0, field=label)
+    if problems:
+        first = problems[0]
+        raise _fail(first.text(label(-1, "") if first.index is None else None))
     for i, c in enumerate(concepts):
-        word = c.get("word")
-        if not isinstance(word, str) or not word.strip():
-            raise _fail(f"{label(i, 'word')}: the word must be a non-empty string")
-        check_text("word", word, label(i, "word"))
-        key = " ".join(word.lower().split())  # the library's rule: case-insensitive
-        if key in seen:
-            raise _fail(f"{label(i, 'word')}: the word '{word}' is used by more than one "
-                        "concept")
-        seen.add(key)
-        if not word_in_prompt(word, prompt):
-            raise _fail(f"{label(i, 'word')}: concept word '{word}' does not occur in the "
-                        f"prompt {prompt!r}")
-        if c.get("weight") is not None:
-            check_limit("weight", c["weight"], label(i, "weight"))
-        if c.get("reference_prompt") is not None:
-            check_text("reference_prompt", c["reference_prompt"],
-                       label(i, "reference_prompt"))
         size = check_image_file(c.get("image"), label(i, "image"))
         if c.get("box") is not None:
             _check_box(c["box"], size, label(i, "box"))

@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import MagicFaceInputError
 from .limits import LIMITS, TEXT_LIMITS
+from .rules import DEFAULT_PRESET, DEFAULT_WEIGHT, PRESETS, concept_problems
 
 # The decoder self-attention layers at 32x32 and 64x64 for a 512x512 SD1.x/2.x
 # image: the paper's "blocks 5 and 6" (down1..3, mid, up1..3 counted from 0).
@@ -22,7 +23,6 @@ DEFAULT_REFERENCE_LAYERS: tuple[str, ...] = (
 
 MIN_STEPS, MAX_STEPS = int(LIMITS["steps"].low), int(LIMITS["steps"].high)
 
-PRESETS = ("authors", "paper")
 
 # The negative prompt of the authors' configs (configs/config_stable_diffusion.yaml),
 # used for every published image.
@@ -99,7 +99,7 @@ class GenerationConfig:
     height: int = 512
     width: int = 512
     negative_prompt: str | None = None
-    preset: str = "authors"
+    preset: str = DEFAULT_PRESET
     # Seed of the reference-path noise; None derives it from `seed`. The service
     # may pin it so that one reference's cached K/V serves requests of any seed.
     reference_seed: int | None = None
@@ -243,20 +243,18 @@ class Concept:
     image: Any
     word: str
     mask: Any = None
-    weight: float = 3.0
+    weight: float = DEFAULT_WEIGHT
     reference_prompt: str | None = None
     box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.word, str) or not self.word.strip():
-            raise MagicFaceInputError("concept word must be a non-empty string")
-        if len(self.word) > TEXT_LIMITS["word"]:
-            raise MagicFaceInputError(f"concept word must be at most {TEXT_LIMITS['word']} "
-                                      "characters")
-        w = _check_finite(f"weight of concept '{self.word}'", self.weight)
-        _within("weight", w, f"weight of concept '{self.word}'")
-        if self.reference_prompt is not None and not isinstance(self.reference_prompt, str):
-            raise MagicFaceInputError(f"reference_prompt of concept '{self.word}' must be a string")
+        # The rule book's checks of one concept (the prompt's come with the call).
+        def label(_: int, part: str) -> str:
+            return "concept word" if part == "word" else f"{part} of concept '{self.word}'"
+
+        problems = concept_problems(None, [self], field=label)
+        if problems:
+            raise MagicFaceInputError(problems[0].text())
         if self.box is not None:
             if len(self.box) != 4:
                 raise MagicFaceInputError(f"box of concept '{self.word}' must be (x0, y0, x1, y1)")

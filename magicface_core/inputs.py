@@ -3,47 +3,33 @@ shapes of explicitly given noise. Every problem is a MagicFaceInputError naming 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from .config import Concept, GenerationConfig
 from .errors import MagicFaceInputError
-from .limits import LIMITS, TEXT_LIMITS
+from .rules import concept_problems, prompt_problems, word_in_prompt
 
 __all__ = ["check_call", "check_noise", "word_in_prompt"]
 
 
 
-def word_in_prompt(word: str, prompt: str) -> bool:
-    """The word (or the words of a phrase) stands alone in the prompt, ignoring case and
-    the spacing between words: the rule the CLI and the gateway check before any model
-    runs (the tokenizer's own check follows at sampling). Torch-free."""
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?!\w)"
-    return re.search(pattern, prompt, flags=re.IGNORECASE) is not None
-
-
 def check_call(prompt, concepts, config) -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise MagicFaceInputError("prompt must be a non-empty string")
+    """The call's prompt and concepts by the rule book (`rules`); a call with no concepts
+    is plain Stable Diffusion (the baseline the parity tests compare against)."""
+    problems = prompt_problems(prompt)
+    if problems:
+        raise MagicFaceInputError(problems[0].text())
     if not isinstance(config, GenerationConfig):
         raise MagicFaceInputError("config must be a GenerationConfig")
     if not isinstance(concepts, (list, tuple)):
         raise MagicFaceInputError("concepts must be a list of Concept")
-    if len(prompt) > TEXT_LIMITS["prompt"]:
-        raise MagicFaceInputError(f"prompt must be at most {TEXT_LIMITS['prompt']} characters")
-    most = int(LIMITS["concepts"].high)
-    if len(concepts) > most:
-        raise MagicFaceInputError(f"at most {most} concepts per call, got {len(concepts)}")
-    seen = set()
     for i, c in enumerate(concepts):
         if not isinstance(c, Concept):
             raise MagicFaceInputError(f"concepts[{i}] must be a Concept, got "
                                       f"{type(c).__name__}")
-        w = c.word.strip().lower()
-        if w in seen:
-            raise MagicFaceInputError(f"concept word '{c.word}' is used by more than one "
-                                      "concept")
-        seen.add(w)
+    problems = concept_problems(prompt, concepts, least=0)
+    if problems:
+        raise MagicFaceInputError(problems[0].text())
 
 
 def check_noise(config: GenerationConfig, n_concepts: int, channels: int, scale_factor: int,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Limit", "LIMITS", "limit", "TEXT_LIMITS"]
+__all__ = ["Limit", "LIMITS", "limit", "TEXT_LIMITS", "IMAGE_LIMITS"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ LIMITS: dict[str, Limit] = {
 # Longest strings (characters).
 TEXT_LIMITS: dict[str, int] = {"prompt": 1000, "negative_prompt": 1000, "word": 64,
                                "reference_prompt": 300}
+
+# A reference image or mask: its pixels (width x height, as stored) and, for uploads,
+# its encoded bytes. The gateway's MAX_IMAGE_PIXELS / MAX_IMAGE_BYTES default to these.
+IMAGE_LIMITS: dict[str, int] = {"pixels": 4096 * 4096, "bytes": 10 * 2**20}
 
 
 def limit(name: str) -> Limit:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from magicface_core.limits import LIMITS
+from magicface_core.limits import IMAGE_LIMITS, LIMITS
 
 
 class Settings(BaseSettings):
@@ -34,10 +34,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: str = ""  # comma-separated; empty: no auth
-    max_image_bytes: int = 10 * 2**20
+    max_image_bytes: int = IMAGE_LIMITS["bytes"]
     max_request_bytes: int = 40 * 2**20
     max_header_bytes: int = 32 * 2**10  # all request headers together (431 beyond)
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = IMAGE_LIMITS["pixels"]
     # The library's limits (magicface_core.limits) by default; an operator may lower them.
     max_concepts: int = int(LIMITS["concepts"].high)
     max_steps: int = int(LIMITS["steps"].high)

@@ -13,12 +13,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from magicface_core.limits import TEXT_LIMITS
+from magicface_core.rules import concept_problems, count_problem, prompt_problems
 
 from .errors import ApiError
 from .remote import AddressRefused, FetchError, check_url, decode_data_uri, fetch_url
 from .schemas import EventType
 from .settings import Settings
-from .validation import ConceptSpec, Params, Upload
+from .validation import ConceptSpec, Params, Upload, refuse
 from .webhooks import parse_events
 
 __all__ = ["Submission", "from_multipart", "from_json", "parse_prefer_wait",
@@ -139,13 +140,11 @@ def from_json(body: dict, settings: Settings) -> Submission:
     if "prompt" not in body:
         raise ApiError(422, "invalid_prompt", "prompt: field required")
     concepts = body.get("concepts")
-    if not isinstance(concepts, list) or not concepts:
-        raise ApiError(422, "invalid_concepts", "concepts: must be a non-empty list")
-    if len(concepts) > settings.max_concepts:
-        raise ApiError(422, "invalid_concepts",
-                       f"concepts: between 1 and {settings.max_concepts} concepts, "
-                       f"got {len(concepts)}")
-    specs, images, masks = [], [], []
+    if not isinstance(concepts, list):
+        raise ApiError(422, "invalid_concepts", "concepts: must be a list of objects")
+    bad_count = count_problem(len(concepts), most=settings.max_concepts)
+    refuse([bad_count] if bad_count else [])
+    specs, sources = [], []
     for i, c in enumerate(concepts):
         if not isinstance(c, dict):
             raise ApiError(422, "invalid_concepts", f"concepts[{i}]: must be an object")
@@ -155,6 +154,12 @@ def from_json(body: dict, settings: Settings) -> Submission:
             raise ApiError(422, "invalid_image", f"concepts[{i}].image: required (a data: "
                                                  "URI or an https URL)")
         specs.append(c)
+        sources.append((image, mask))
+    # The rule book before any download: a misspelt word must not cost a fetch.
+    refuse(prompt_problems(body["prompt"]))
+    refuse(concept_problems(body["prompt"], specs, most=settings.max_concepts))
+    images, masks = [], []
+    for i, (image, mask) in enumerate(sources):
         images.append(_source(image, f"concepts[{i}].image", settings))
         if mask is not None:
             masks.append((i, _source(mask, f"concepts[{i}].mask", settings)))

@@ -17,8 +17,17 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from magicface_core.config import GenerationConfig
-from magicface_core.inputs import word_in_prompt
 from magicface_core.limits import LIMITS, TEXT_LIMITS
+from magicface_core.rules import (
+    DEFAULT_PRESET,
+    DEFAULT_WEIGHT,
+    PRESETS,
+    Problem,
+    concept_problems,
+    count_problem,
+    prompt_problems,
+    word_in_prompt,  # noqa: F401 - the gateway's rule is the library's (tests compare)
+)
 
 from .errors import ApiError
 from .settings import Settings
@@ -41,7 +50,7 @@ class ConceptSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     word: str = Field(min_length=1, max_length=TEXT_LIMITS["word"])
-    weight: float = Field(default=3.0, allow_inf_nan=False, **_range("weight"))
+    weight: float = Field(default=DEFAULT_WEIGHT, allow_inf_nan=False, **_range("weight"))
     reference_prompt: str | None = Field(default=None,
                                          max_length=TEXT_LIMITS["reference_prompt"])
 
@@ -60,7 +69,7 @@ class Params(BaseModel):
     height: int = Field(default=512, **_range("height"))
     # "authors" reproduces the code that made the published images; "paper" is the
     # paper's equations alone.
-    preset: Literal["authors", "paper"] = "authors"
+    preset: Literal[PRESETS] = DEFAULT_PRESET  # type: ignore[valid-type]
     # Non-concept tokens' weight in the semantic map; None: the preset's (authors: 0.9
     # for one concept, 0.6 for several; paper: 1).
     ca_scale: float | None = Field(default=None, allow_inf_nan=False, **_range("ca_scale"))
@@ -134,34 +143,28 @@ def _load_json(raw: str, field: str, code: str, kind: type, expected: str):
     return data
 
 
-def parse_concepts(raw: str | list, settings: Settings) -> list[ConceptSpec]:
-    """`concepts` as a JSON string (multipart) or a decoded list (JSON body)."""
+def parse_concepts(raw: str | list, settings: Settings,
+                   prompt: str | None = None) -> list[ConceptSpec]:
+    """`concepts` as a JSON string (multipart) or a decoded list (JSON body). The rule
+    book judges the words, weights and reference prompts (against `prompt` when given)
+    before the schema does, so the API says what the library and the CLI say."""
     data = (_load_json(raw, "concepts", "invalid_concepts", list, "a JSON list of objects")
             if isinstance(raw, str) else raw)
     if not isinstance(data, list):
         raise ApiError(422, "invalid_concepts", "concepts: must be a list of objects")
-    if not 1 <= len(data) <= settings.max_concepts:
-        raise ApiError(422, "invalid_concepts",
-                       f"concepts: between 1 and {settings.max_concepts} concepts, "
-                       f"got {len(data)}")
-    out = []
+    bad_count = count_problem(len(data), most=settings.max_concepts)
+    refuse([bad_count] if bad_count else [])
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise ApiError(422, "invalid_concepts", f"concepts[{i}]: must be an object")
+    refuse(concept_problems(prompt, data, most=settings.max_concepts))
+    out = []
+    for i, item in enumerate(data):
         try:
             out.append(ConceptSpec.model_validate(item))
         except ValidationError as e:
             raise ApiError(422, "invalid_concepts", _pydantic_message(f"concepts[{i}]", e)) \
                 from None
-    seen = set()
-    for i, c in enumerate(out):
-        key = c.word.strip().lower()
-        if not key:
-            raise ApiError(422, "invalid_concepts", f"concepts[{i}].word: must not be blank")
-        if key in seen:
-            raise ApiError(422, "invalid_concepts",
-                           f"concepts[{i}].word: '{c.word}' is used by more than one concept")
-        seen.add(key)
     return out
 
 
@@ -235,6 +238,13 @@ def decode_image(upload: Upload, field: str, settings: Settings) -> ValidImage:
     return ValidImage(upload.data, ALLOWED_FORMATS[fmt], (w, h))
 
 
+def refuse(problems: list[Problem]) -> None:
+    """The rule book's first problem as the API's 422 (its code names the kind)."""
+    if problems:
+        first = problems[0]
+        raise ApiError(422, first.code, first.text())
+
+
 def validate_request(prompt: str, concepts_raw: str | list, images: list[Upload],
                      masks: list[Upload], params_raw: str | dict | None,
                      settings: Settings) -> JobRequest:
@@ -244,16 +254,8 @@ def validate_request(prompt: str, concepts_raw: str | list, images: list[Upload]
         raise ApiError(413, "request_too_large",
                        f"uploads total {total} bytes, over the {settings.max_request_bytes}"
                        "-byte limit")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ApiError(422, "invalid_prompt", "prompt: must not be empty")
-    if len(prompt) > TEXT_LIMITS["prompt"]:
-        raise ApiError(422, "invalid_prompt",
-                       f"prompt: at most {TEXT_LIMITS['prompt']} characters")
-    concepts = parse_concepts(concepts_raw, settings)
-    for i, c in enumerate(concepts):
-        if not word_in_prompt(c.word, prompt):
-            raise ApiError(422, "word_not_in_prompt",
-                           f"concepts[{i}].word: '{c.word}' does not occur in the prompt")
+    refuse(prompt_problems(prompt))
+    concepts = parse_concepts(concepts_raw, settings, prompt)
     if len(images) != len(concepts):
         raise ApiError(422, "image_count_mismatch",
                        f"images: {len(images)} uploaded for {len(concepts)} concepts")

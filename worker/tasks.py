@@ -314,11 +314,13 @@ def configure(rt: Runtime, job, req: dict, images, masks):
     """The library's prompt, concepts and config for the request (records written
     before a parameter existed validate to its default)."""
     from magicface_core import Concept, MagicFaceInputError
+    from magicface_core.rules import DEFAULT_WEIGHT
 
     try:
         config = Params.model_validate(req["params"]).to_config(
             reference_seed=rt.settings.reference_seed, sam_checkpoint=rt.settings.sam_checkpoint)
-        concepts = [Concept(image=img, mask=m, word=c["word"], weight=c.get("weight", 3.0),
+        concepts = [Concept(image=img, mask=m, word=c["word"],
+                            weight=c.get("weight", DEFAULT_WEIGHT),
                             reference_prompt=c.get("reference_prompt"))
                     for c, img, m in zip(req["concepts"], images, masks, strict=True)]
     except (MagicFaceInputError, ValidationError) as e:

@@ -70,6 +70,7 @@ def synthetic_request(shape: Shape, config, seed: int):
 
     from magicface_core import Concept
     from magicface_core.pipeline import GenerationRequest
+    from magicface_core.rules import DEFAULT_WEIGHT
 
     rng = np.random.default_rng(seed)
     words = WORDS[: shape.concepts]
@@ -79,7 +80,7 @@ def synthetic_request(shape: Shape, config, seed: int):
         mask = np.zeros((96, 96), dtype=np.uint8)
         mask[8 + 4 * i : 88, 8 : 88 - 4 * i] = 255
         concepts.append(Concept(image=Image.fromarray(pixels), mask=Image.fromarray(mask),
-                                word=word, weight=3.0, reference_prompt=f"a {word}"))
+                                word=word, weight=DEFAULT_WEIGHT, reference_prompt=f"a {word}"))
     prompt = "a photo of " + " with ".join(f"a {w}" for w in words) if words else "a photo"
     return GenerationRequest(prompt, concepts, config.replace(seed=seed))
 

@@ -119,7 +119,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (gen(tmp, concepts=(f"{HAT},ref={'x' * (TEXT_LIMITS['reference_prompt'] + 1)}",)),
          f"--concept hat reference_prompt must be at most "
          f"{TEXT_LIMITS['reference_prompt']} characters"),
-        (gen(tmp, prompt=" "), "--prompt must not be empty"),
+        (gen(tmp, prompt=" "), "--prompt must be a non-empty string"),
         # Numbers: the limits table's ranges, named by option.
         (gen(tmp, "--steps", "0"), "--steps must be in [1, 200], got 0"),
         (gen(tmp, "--steps", str(int(LIMITS["steps"].high) + 1)), "--steps must be in"),
