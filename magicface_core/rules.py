@@ -87,9 +87,13 @@ def _weight_problem(weight: Any, field: str, index: int) -> Problem | None:
 
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         return problem(f"must be a number, got {weight!r}")
-    if not math.isfinite(weight):
+    try:
+        value = float(weight)
+    except OverflowError:  # an integer of hundreds of digits (JSON allows them)
+        return problem(f"must be in {LIMITS['weight'].describe()}, got a number too large")
+    if not math.isfinite(value):
         return problem(f"must be a finite number, got {weight!r}")
-    found = LIMITS["weight"].check("", weight)
+    found = LIMITS["weight"].check("", value)
     return problem(found.strip()) if found else None
 
 

@@ -40,6 +40,7 @@ BAD = [
     ("a man with a hat", [{"word": "hat", "weight": 20.5}]),
     ("a man with a hat", [{"word": "hat", "weight": True}]),
     ("a man with a hat", [{"word": "hat", "weight": "2"}]),
+    ("a man with a hat", [{"word": "hat", "weight": 10**400}]),
     ("a man with a hat", [{"word": "hat",
                            "reference_prompt": "y" * (TEXT_LIMITS["reference_prompt"] + 1)}]),
     (f"a man {LONG}", [{"word": LONG}]),
@@ -140,9 +141,11 @@ def test_every_way_in_reports_the_rule_books_problem(case, pipe, gateway, tmp_pa
              "json": json_error(gateway, prompt, concepts)}
     # The CLI's command line carries text only: a number or a boolean as a word or a
     # weight is a JSON body's (and a library caller's) mistake.
-    # A blank word is a spec without `word=` there (refused as such).
+    # A blank word is a spec without `word=` there (refused as such); a weight there is
+    # text read as a float, so 10**400 is inf (refused as not finite).
     if all(isinstance(c["word"], str) and c["word"].strip()
-           and not isinstance(c.get("weight", 1.0), (bool, str)) for c in concepts):
+           and not isinstance(c.get("weight", 1.0), (bool, str))
+           and abs(c.get("weight", 1.0)) < 1e308 for c in concepts):
         texts["cli"] = cli_error(tmp_path, capsys, prompt, concepts)
     texts["library"] = library_error(pipe, prompt, concepts)
     for way, text in texts.items():
