@@ -142,8 +142,7 @@ def from_json(body: dict, settings: Settings) -> Submission:
     concepts = body.get("concepts")
     if not isinstance(concepts, list):
         raise ApiError(422, "invalid_concepts", "concepts: must be a list of objects")
-    bad_count = count_problem(len(concepts), most=settings.max_concepts)
-    refuse([bad_count] if bad_count else [])
+    refuse(count_problem(len(concepts), most=settings.max_concepts))
     specs, sources = [], []
     for i, c in enumerate(concepts):
         if not isinstance(c, dict):
@@ -156,8 +155,8 @@ def from_json(body: dict, settings: Settings) -> Submission:
         specs.append(c)
         sources.append((image, mask))
     # The rule book before any download: a misspelt word must not cost a fetch.
-    refuse(prompt_problems(body["prompt"]))
-    refuse(concept_problems(body["prompt"], specs, most=settings.max_concepts))
+    refuse(*prompt_problems(body["prompt"]))
+    refuse(*concept_problems(body["prompt"], specs, most=settings.max_concepts))
     images, masks = [], []
     for i, (image, mask) in enumerate(sources):
         images.append(_source(image, f"concepts[{i}].image", settings))

@@ -152,12 +152,11 @@ def parse_concepts(raw: str | list, settings: Settings,
             if isinstance(raw, str) else raw)
     if not isinstance(data, list):
         raise ApiError(422, "invalid_concepts", "concepts: must be a list of objects")
-    bad_count = count_problem(len(data), most=settings.max_concepts)
-    refuse([bad_count] if bad_count else [])
+    refuse(count_problem(len(data), most=settings.max_concepts))
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise ApiError(422, "invalid_concepts", f"concepts[{i}]: must be an object")
-    refuse(concept_problems(prompt, data, most=settings.max_concepts))
+    refuse(*concept_problems(prompt, data, most=settings.max_concepts))
     out = []
     for i, item in enumerate(data):
         try:
@@ -238,10 +237,11 @@ def decode_image(upload: Upload, field: str, settings: Settings) -> ValidImage:
     return ValidImage(upload.data, ALLOWED_FORMATS[fmt], (w, h))
 
 
-def refuse(problems: list[Problem]) -> None:
-    """The rule book's first problem as the API's 422 (its code names the kind)."""
-    if problems:
-        first = problems[0]
+def refuse(*problems: Problem | None) -> None:
+    """The rule book's first problem (None: none) as the API's 422 (its code names the
+    kind)."""
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
         raise ApiError(422, first.code, first.text())
 
 
@@ -254,7 +254,7 @@ def validate_request(prompt: str, concepts_raw: str | list, images: list[Upload]
         raise ApiError(413, "request_too_large",
                        f"uploads total {total} bytes, over the {settings.max_request_bytes}"
                        "-byte limit")
-    refuse(prompt_problems(prompt))
+    refuse(*prompt_problems(prompt))
     concepts = parse_concepts(concepts_raw, settings, prompt)
     if len(images) != len(concepts):
         raise ApiError(422, "image_count_mismatch",
