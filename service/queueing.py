@@ -19,7 +19,7 @@ from rq import Queue
 from rq.job import Job
 
 __all__ = ["JobSerializer", "UnreadableRecord", "SafeJob", "open_queue", "fetch_job",
-           "fetch_jobs", "unreadable", "UNREADABLE_MESSAGE"]
+           "fetch_jobs", "UNREADABLE_MESSAGE"]
 
 # Pickle protocols 2 and up start with the PROTO opcode; named for a clear message.
 _PICKLE_PROTO = b"\x80"
@@ -82,9 +82,3 @@ def fetch_job(job_id: str, redis: Redis) -> Job:
 def fetch_jobs(job_ids: list[str], redis: Redis,
                job_class: type[Job] = SafeJob) -> list[Job | None]:
     return job_class.fetch_many(job_ids, connection=redis, serializer=JobSerializer)
-
-
-def unreadable(job: Job) -> bool:
-    """Whether the job's meta could not be read (RQ then keeps the raw bytes under the
-    single key `unserialized`, and writes them back unchanged on save)."""
-    return set(job.meta) == {"unserialized"}

@@ -16,7 +16,8 @@ import logging
 from redis import Redis
 from rq import Queue
 
-from . import events, jobs
+from . import jobs
+from .jobs import events
 from .keys import REAPER_LOCK
 from .queueing import fetch_job
 

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 __all__ = ["Storage", "LocalStorage", "S3Storage", "StorageError", "StorageNotFound",
            "open_storage",
-           "input_key", "output_key", "request_key"]
+           "input_key", "output_key", "request_key", "job_prefix", "input_prefix", "output_prefix"]
 
 
 class StorageError(RuntimeError):
@@ -24,16 +24,25 @@ class StorageNotFound(StorageError):
     """The object does not exist (not a fault to retry)."""
 
 
+def job_prefix(job_id: str) -> str:
+    """Every object of a job lies under this prefix (deleting it deletes the job's)."""
+    return f"jobs/{job_id}/"
+
+
 def request_key(job_id: str) -> str:
-    return f"jobs/{job_id}/request.json"
+    return f"{job_prefix(job_id)}request.json"
+
+
+def input_prefix(job_id: str) -> str:
+    return f"{job_prefix(job_id)}input/"
 
 
 def input_key(job_id: str, kind: str, index: int) -> str:
-    return f"jobs/{job_id}/input/{kind}_{index}"
+    return f"{input_prefix(job_id)}{kind}_{index}"
 
 
 def output_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/output/"
+    return f"{job_prefix(job_id)}output/"
 
 
 def output_key(job_id: str, name: str) -> str:

@@ -18,15 +18,13 @@ from redis import Redis
 from rq.exceptions import NoSuchJobError
 
 from service import jobs
-from service.keys import RETENTION_KEY
+from service.keys import ORPHAN_LOCK, RETENTION_KEY, SWEEP_LOCK, parse_retention_member, rq_job_key
 from service.queueing import fetch_job
-from service.storage import Storage
+from service.storage import Storage, job_prefix
 
 __all__ = ["sweep_due", "sweep_orphans", "sweep_if_due", "SWEEP_LOCK", "ORPHAN_LOCK"]
 
 log = logging.getLogger("magicface.worker")
-SWEEP_LOCK = "magicface:sweep-lock"
-ORPHAN_LOCK = "magicface:orphan-sweep-lock"
 BATCH = 500  # due jobs per sweep at most; the next sweep takes the rest
 
 
@@ -38,8 +36,8 @@ def sweep_due(storage: Storage, redis: Redis, now: float | None = None) -> list[
                for r in redis.zrangebyscore(RETENTION_KEY, "-inf", now, start=0, num=BATCH)]
     swept = []
     for member in members:
-        job_id, _, owner = member.partition(":")
-        storage.delete_prefix(f"jobs/{job_id}/")
+        job_id, owner = parse_retention_member(member)
+        storage.delete_prefix(job_prefix(job_id))
         try:
             jobs.purge(redis, fetch_job(job_id, redis))
         except NoSuchJobError:  # RQ's own TTL took the record first
@@ -58,9 +56,9 @@ def sweep_orphans(storage: Storage, redis: Redis, grace_s: float,
     swept = []
     for job_id, newest in storage.job_ages().items():
         # A due job whose record is gone may go here first: it is past retention.
-        if now - newest < grace_s or redis.exists(f"rq:job:{job_id}"):
+        if now - newest < grace_s or redis.exists(rq_job_key(job_id)):
             continue
-        storage.delete_prefix(f"jobs/{job_id}/")
+        storage.delete_prefix(job_prefix(job_id))
         swept.append(job_id)
     if swept:
         log.info("swept the objects of %d job(s) that never had a record", len(swept))

@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 import httpx
 from redis import Redis
 
-from service import events, keys, remote, webhooks
+from service import keys, remote, webhooks
+from service.jobs import events
 from service.schemas import EventType
 from service.settings import Settings
 
@@ -71,7 +72,7 @@ class Deliverer:
         return len(members)
 
     def attempt(self, member: str) -> None:
-        job_id, event_id = member.split("|", 1)
+        job_id, event_id = keys.parse_due_member(member)
         did = events.delivery_id(job_id, event_id)
         log_key = keys.WEBHOOK_LOG_KEY.format(job_id)
         raw = self.redis.hget(log_key, did)

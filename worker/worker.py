@@ -23,11 +23,11 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
-from service import jobs, keys, workers
+from service import jobs, keys, records, workers
 from service.queueing import JobSerializer, SafeJob, fetch_jobs
 from service.reaper import reap, settled
 from service.settings import Settings
-from service.storage import Storage, StorageError
+from service.storage import Storage
 
 from . import tasks
 from .retry import REDIS_DOWN, retry
@@ -193,11 +193,7 @@ class MagicFaceWorker(SimpleWorker):
     def _purge_deleted(self, job: Job) -> None:
         """A job deleted while it ran: now that it stopped, remove it everywhere."""
         if self.storage is not None:
-            try:
-                self.storage.delete_prefix(f"jobs/{job.id}/")
-            except StorageError as e:
-                log.warning("job %s: objects of a deleted job left to the sweeper: %s",
-                            job.id, e)
+            jobs.lifecycle.remove_objects(self.storage, job.id, "deleted while running")
         jobs.purge(self.connection, job)
 
     def clean_registries(self):
@@ -272,7 +268,7 @@ class MagicFaceWorker(SimpleWorker):
         all, taken from the first jobs in the queue, waiting up to BATCH_WAIT_MS for
         more. A claimed job moves to RQ's intermediate queue, as RQ's own dequeue moves
         it: should this worker die before starting it, RQ's maintenance fails it."""
-        key = job.meta.get("batch_key")
+        key = records.batch_key_of(job)
         limit = self.settings.batch_max - 1
         if not key or limit < 1 or tasks.RUNTIME is None:
             return []
@@ -287,7 +283,7 @@ class MagicFaceWorker(SimpleWorker):
                 for c in candidates:
                     if len(found) == limit:
                         break
-                    if (c is not None and c.meta.get("batch_key") == key
+                    if (c is not None and records.batch_key_of(c) == key
                             and _claim(queue, c.id)):
                         found.append(c)
                 left = until - time.monotonic()

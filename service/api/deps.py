@@ -12,7 +12,7 @@ from redis import Redis
 from rq import Queue
 
 from ..errors import ApiError
-from ..jobs import ANONYMOUS
+from ..records import ANONYMOUS
 from ..settings import Settings
 from ..storage import Storage
 

@@ -145,7 +145,7 @@ def test_nothing_of_a_job_is_left_after_its_ttl(redis_db, redis_server, tmp_path
         ended = time.monotonic()
         # RESULT_TTL_S + SWEEP_INTERVAL_S + one sweep, and slack for a busy machine.
         deadline = ended + 8 + 3 + 3 + 6
-        from service import events
+        from service.jobs import events
         from service.keys import OWNER_JOBS_KEY, RETENTION_KEY
 
         while time.monotonic() < deadline and (

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from rq.job import JobStatus
 
-from service import events
 from service.app import create_app
+from service.jobs import events
 from service.queueing import fetch_job, open_queue
 from service.reaper import reap, settled
 from service.settings import Settings

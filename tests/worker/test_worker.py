@@ -204,7 +204,7 @@ def test_uploads_go_when_the_job_ends_unless_kept(runtime, keep):
 
 
 def test_the_sweeper_deletes_what_is_due_and_orphans_past_their_grace(runtime):
-    from service import events
+    from service.jobs import events
     from service.keys import RETENTION_KEY
     from worker.sweeper import sweep_due, sweep_orphans
 
@@ -300,7 +300,7 @@ def test_a_job_named_as_a_wheel_install_names_it_runs_here(runtime, monkeypatch)
     """A gateway installed from the wheel queues `magicface_server.worker.tasks.generate`;
     a worker from a checkout (or the image) runs it all the same."""
     rt, queue = runtime
-    monkeypatch.setattr(jobs, "JOB_FUNC", "magicface_server.worker.tasks.generate")
+    monkeypatch.setattr(jobs.submit, "JOB_FUNC", "magicface_server.worker.tasks.generate")
     job = submit(rt.storage, queue)
     assert job.func_name == "magicface_server.worker.tasks.generate"
     run_burst(rt, queue)

@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
-from .keys import DEADLINES_KEY, EVENTS_KEY, WEBHOOK_DUE_KEY, WEBHOOK_KEY, WEBHOOK_LOG_KEY
-from .schemas import TERMINAL_EVENTS, EventType
+from ..keys import (
+    DEADLINES_KEY,
+    EVENTS_KEY,
+    TERMINAL_KEY,
+    WEBHOOK_DUE_KEY,
+    WEBHOOK_KEY,
+    WEBHOOK_LOG_KEY,
+    trace_ttl,
+)
+from ..schemas import TERMINAL_EVENTS, EventType
 
 __all__ = ["publish", "read", "has_terminal", "delivery_id", "events_key", "PROGRESS_INTERVAL_S",
-           "MAX_EVENTS"]
+           "MAX_EVENTS", "wait_for_end", "follow", "SSE_POLL_S"]
 
 PROGRESS_INTERVAL_S = 0.5
 # Progress is throttled, so a 200-step job writes well under this many events.
@@ -30,7 +40,8 @@ MAX_EVENTS = 1000
 # ARGV: type, data, ttl, terminal (0/1), now_ms, max events, delivery id prefix,
 # job id.
 # Appends the event (once, for a terminal one), refreshes the TTLs, and when the job
-# has a webhook that wants this event, records a pending delivery and makes it due.
+# has a webhook that wants this event, records a pending delivery and makes it due
+# (its member in the due set is keys.due_member's "<job>|<event id>").
 _PUBLISH = """
 if ARGV[4] == '1' then
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then return false end
@@ -58,12 +69,13 @@ def delivery_id(job_id: str, event_id: str) -> str:
 
 
 def publish(redis: Redis, job_id: str, event: EventType, data: dict[str, Any],
-            ttl_s: int) -> str | None:
-    """Append an event; its stream id, or None for a terminal event already there."""
-    ttl = max(60, int(ttl_s))
+            record_ttl_s: int) -> str | None:
+    """Append an event; its stream id, or None for a terminal event already there. The
+    stream lives `keys.trace_ttl(record_ttl_s)`."""
+    ttl = max(60, trace_ttl(record_ttl_s))
     terminal = event in TERMINAL_EVENTS
     result = redis.eval(_PUBLISH, 5, EVENTS_KEY.format(job_id),
-                        EVENTS_KEY.format(job_id) + ":terminal", WEBHOOK_KEY.format(job_id),
+                        TERMINAL_KEY.format(job_id), WEBHOOK_KEY.format(job_id),
                         WEBHOOK_LOG_KEY.format(job_id), WEBHOOK_DUE_KEY,
                         event.value, json.dumps(data, default=str), ttl,
                         "1" if terminal else "0", int(time.time() * 1000), MAX_EVENTS,
@@ -78,7 +90,7 @@ def events_key(job_id: str) -> str:
 
 
 def has_terminal(redis: Redis, job_id: str) -> bool:
-    return bool(redis.exists(EVENTS_KEY.format(job_id) + ":terminal"))
+    return bool(redis.exists(TERMINAL_KEY.format(job_id)))
 
 
 def read(redis: Redis, job_id: str, after: str = "0-0", block_ms: int | None = None,
@@ -102,3 +114,52 @@ def _decode(event_id, fields) -> tuple[str, EventType, dict[str, Any]]:
 
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+# How long one blocking read of a job's events waits before the stream checks the job
+# (and sends a keep-alive comment).
+SSE_POLL_S = 10.0
+_TERMINAL = {e.value for e in TERMINAL_EVENTS}
+
+
+async def wait_for_end(aredis: AsyncRedis, job_id: str, seconds: float) -> bool:
+    """Whether the job's terminal event arrives within `seconds`."""
+    deadline = time.monotonic() + seconds
+    last = "0-0"
+    while (left := deadline - time.monotonic()) > 0:
+        got = await aredis.xread({events_key(job_id): last}, count=100,
+                                 block=max(1, int(min(left, SSE_POLL_S) * 1000)))
+        for eid, fields in (got[0][1] if got else []):
+            last = eid
+            if fields[b"type"].decode() in _TERMINAL:
+                return True
+    return False
+
+
+async def follow(aredis: AsyncRedis, job_id: str, last: str,
+                 reconcile: Callable[[], Awaitable[str]]) -> AsyncIterator[str]:
+    """The job's events after `last` as server-sent events, until its terminal one.
+    When nothing new arrives for SSE_POLL_S, `reconcile()` says whether the job is
+    "live", has "ended" (its terminal event is in the log now) or is "gone"."""
+    key = events_key(job_id)
+    yield "retry: 2000\n\n"
+    while True:
+        got = await aredis.xread({key: last}, count=100, block=int(SSE_POLL_S * 1000))
+        rows = got[0][1] if got else []
+        for eid, fields in rows:
+            last = eid.decode()
+            kind = fields[b"type"].decode()
+            yield f"id: {last}\nevent: {kind}\ndata: {fields[b'data'].decode()}\n\n"
+            if kind in _TERMINAL:
+                return
+        if rows:
+            continue
+        # Nothing new: the job may have ended without its event (its worker died
+        # before RQ noticed), its end may lie before `last` (a resume after the end),
+        # or its record may be gone (expired, deleted).
+        state = await reconcile()
+        if state == "gone":
+            return
+        if state == "ended" and not await aredis.xread({key: last}, count=1):
+            return
+        yield ": keep-alive\n\n"
