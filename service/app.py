@@ -32,6 +32,7 @@ from .api import openapi
 from .api.middleware import GatewayMiddleware
 from .api.request_ids import request_id
 from .api.routes import jobs as job_routes
+from .api.routes import limits as limit_routes
 from .api.routes import probes as probe_routes
 from .api.routes.jobs import JOB_ERROR_STATUS
 from .errors import ApiError
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     _install_error_handlers(app)
     app.include_router(job_routes.router)
     app.include_router(probe_routes.router)
+    app.include_router(limit_routes.router)
     _install_page(app)
     _install_docs(app)
     return app

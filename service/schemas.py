@@ -164,3 +164,35 @@ class WebhookDelivery(BaseModel):
 
 class WebhookDeliveries(BaseModel):
     deliveries: list[WebhookDelivery]
+
+
+class FieldLimit(BaseModel):
+    """A numeric field's range: [min, max] (or (min, max] with min_exclusive)."""
+
+    min: int | float
+    max: int | float
+    min_exclusive: bool = False
+    multiple_of: int | None = None
+    default: int | float | None = Field(None, description="the value when the field is "
+                                                          "absent")
+
+
+class ImageLimits(BaseModel):
+    max_pixels: int = Field(description="width x height of a reference image or mask")
+    max_bytes: int = Field(description="an uploaded (or fetched) image's encoded size")
+    formats: list[str]
+
+
+class Limits(BaseModel):
+    """What this gateway accepts, as configured: check a request against it before
+    uploading (the same table the library and the CLI check with)."""
+
+    concepts: FieldLimit = Field(description="concepts per job")
+    params: dict[str, FieldLimit] = Field(description="each numeric `params` field")
+    concept: dict[str, FieldLimit] = Field(description="each numeric concept field")
+    text: dict[str, int] = Field(description="longest strings, in characters")
+    image: ImageLimits
+    presets: list[str]
+    default_preset: str
+    max_request_bytes: int
+    max_wait_s: int = Field(description="the longest `Prefer: wait=N`")

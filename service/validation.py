@@ -5,6 +5,7 @@ Pure functions over bytes and strings: no torch, no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,7 +27,6 @@ from magicface_core.rules import (
     concept_problems,
     count_problem,
     prompt_problems,
-    word_in_prompt,  # noqa: F401 - the gateway's rule is the library's (tests compare)
 )
 
 from .errors import ApiError
@@ -55,18 +55,23 @@ class ConceptSpec(BaseModel):
                                          max_length=TEXT_LIMITS["reference_prompt"])
 
 
+# A request's defaults are the library's (one set: the CLI's are too).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    steps: int = Field(default=50, **_range("steps"))
-    guidance_scale: float = Field(default=7.5, allow_inf_nan=False, **_range("guidance_scale"))
-    alpha: float = Field(default=0.4, allow_inf_nan=False, **_range("alpha"))
-    seed: int = Field(default=0, **_range("seed"))
+    steps: int = Field(default=_DEFAULTS["steps"], **_range("steps"))
+    guidance_scale: float = Field(default=_DEFAULTS["guidance_scale"], allow_inf_nan=False,
+                                  **_range("guidance_scale"))
+    alpha: float = Field(default=_DEFAULTS["alpha"], allow_inf_nan=False, **_range("alpha"))
+    seed: int = Field(default=_DEFAULTS["seed"], **_range("seed"))
     # None: the preset's (the authors' negative prompt under "authors", "" under "paper").
     negative_prompt: str | None = Field(default=None,
                                         max_length=TEXT_LIMITS["negative_prompt"])
-    width: int = Field(default=512, **_range("width"))
-    height: int = Field(default=512, **_range("height"))
+    width: int = Field(default=_DEFAULTS["width"], **_range("width"))
+    height: int = Field(default=_DEFAULTS["height"], **_range("height"))
     # "authors" reproduces the code that made the published images; "paper" is the
     # paper's equations alone.
     preset: Literal[PRESETS] = DEFAULT_PRESET  # type: ignore[valid-type]
