@@ -18,99 +18,32 @@ workers do, in their own processes).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 import httpx
-import redis
+
+# The processes beneath the stack are stack_procs'; its public names stay importable here.
+from .stack_procs import (
+    Child,
+    StackError,
+    find_redis,
+    free_port,
+    preexec_die_with_parent,
+    redis_answers,
+    start_redis,
+)
 
 __all__ = ["Stack", "StackError", "free_port", "find_redis", "start_redis", "main"]
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-_PR_SET_PDEATHSIG = 1
-
-
-class StackError(RuntimeError):
-    """A process of the stack could not be started or did not become ready."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping()
-        return True
-    except (redis.RedisError, ValueError):
-        return False
-
-
-def find_redis(candidates: Iterable[str | None]) -> str | None:
-    """The first of `candidates` whose Redis answers a PING."""
-    return next((url for url in candidates if url and _answers(url)), None)
-
-
-def _preexec():
-    """Between fork and exec, ask Linux to SIGKILL the child when the stack dies. prctl
-    is looked up here, in the parent: the child only calls it (no imports or dlopen
-    after a fork from a threaded process)."""
-    if not sys.platform.startswith("linux"):
-        return None  # Ctrl-C and SIGTERM still stop the children
-    try:
-        prctl = ctypes.CDLL(None).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def die_with_parent() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-
-    return die_with_parent
-
-
-def start_redis(db: int = 0, directory: Path | None = None,
-                port: int | None = None) -> tuple[str, subprocess.Popen]:
-    """A `redis-server` of our own on a free loopback port, without persistence."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise StackError("no Redis answers and redis-server is not installed "
-                         "(Debian: apt-get install redis-server; or set REDIS_URL)")
-    port = port or free_port()
-    workdir = directory or Path(tempfile.mkdtemp(prefix="magicface-redis-"))
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=_preexec(), start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/{db}"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _answers(url):
-            return url, proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise StackError(f"redis-server did not start on port {port}")
-
-
-class _Child:
-    """One process of the stack and where its output goes."""
-
-    def __init__(self, name: str, proc: subprocess.Popen, reader: threading.Thread | None):
-        self.name, self.proc, self.reader = name, proc, reader
 
 
 class Stack:
@@ -132,7 +65,7 @@ class Stack:
         self.redis_proc: subprocess.Popen | None = None
         self.gateway: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
-        self._children: list[_Child] = []
+        self._children: list[Child] = []
         self._print_lock = threading.Lock()
         self.base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
         self.client = httpx.Client(base_url=self.base_url, timeout=30)
@@ -145,10 +78,10 @@ class Stack:
         if own:
             url, self.redis_proc = start_redis()
         elif given:
-            if not _answers(given):
+            if not redis_answers(given):
                 raise StackError(f"REDIS_URL {given} does not answer")
             url = given
-        elif _answers(DEFAULT_REDIS):
+        elif redis_answers(DEFAULT_REDIS):
             url = DEFAULT_REDIS
         else:
             url, self.redis_proc = start_redis()
@@ -164,20 +97,22 @@ class Stack:
         if self.log_dir is not None:
             log = (self.log_dir / f"{name}.log").open("ab")
         if not self.echo:
-            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, preexec_fn=_preexec(),
+            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env,
+                                    preexec_fn=preexec_die_with_parent(),
                                     start_new_session=True, stdout=log or subprocess.DEVNULL,
                                     stderr=subprocess.STDOUT)
             if log is not None:
                 log.close()  # the child holds its own descriptor
-            self._children.append(_Child(name, proc, None))
+            self._children.append(Child(name, proc, None))
             return proc
-        proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, preexec_fn=_preexec(),
+        proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env,
+                                preexec_fn=preexec_die_with_parent(),
                                 start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         reader = threading.Thread(target=self._relay, args=(name, proc.stdout, log),
                                   daemon=True, name=f"log-{name}")
         reader.start()
-        self._children.append(_Child(name, proc, reader))
+        self._children.append(Child(name, proc, reader))
         return proc
 
     def _relay(self, name: str, stream: IO[bytes], log: IO[bytes] | None) -> None:
