@@ -12,6 +12,7 @@ FROM scratch AS source
 COPY pyproject.toml README.md constraints.txt /src/
 COPY server /src/server
 COPY magicface_core /src/magicface_core
+COPY magicface_cli /src/magicface_cli
 COPY magicface_client /src/magicface_client
 COPY service /src/service
 COPY worker /src/worker

@@ -61,7 +61,7 @@ def gateway_refuses(client, params=None, weight=3.0) -> bool:
 
 
 def cli_refuses(tmp_path, args: list[str]) -> bool:
-    from magicface_core.cli import main
+    from magicface_cli import main
 
     img = tmp_path / "face.png"
     img.write_bytes(png())
@@ -88,7 +88,7 @@ def test_concept_weight_limit_everywhere(value, gateway, tmp_path):
     assert gateway_refuses(gateway, weight=value)
     img = tmp_path / "w.png"
     img.write_bytes(png())
-    from magicface_core.cli import main
+    from magicface_cli import main
 
     code = main(["generate", "--tiny", "--prompt", "a man", "--out", str(tmp_path / "o.png"),
                  "--concept", f"man={img},mask={img},weight={value}", "--steps", "1"])

@@ -18,7 +18,7 @@ import pytest
 from magicface_core.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGED = ("magicface_core", "magicface_client", "service", "worker")
+PACKAGED = ("magicface_core", "magicface_cli", "magicface_client", "service", "worker")
 
 
 def _top_levels(wheel: Path) -> set[str]:
@@ -52,8 +52,8 @@ def wheels(tmp_path_factory) -> dict[str, Path]:
 def test_the_library_wheel_holds_the_method_the_cli_and_the_client(wheels):
     wheel = wheels["library"]
     assert wheel.name.startswith(f"magicface-{__version__}-")
-    assert _top_levels(wheel) == {"magicface_core", "magicface_client"}
-    assert "magicface = magicface_core.cli:main" in _entry_points(wheel)
+    assert _top_levels(wheel) == {"magicface_core", "magicface_cli", "magicface_client"}
+    assert "magicface = magicface_cli:main" in _entry_points(wheel)
 
 
 def test_the_server_wheel_holds_the_gateway_and_the_worker(wheels):

@@ -10,8 +10,8 @@ import base64
 import pytest
 from fastapi.testclient import TestClient
 
+from magicface_cli import main
 from magicface_core import Concept, GenerationConfig, MagicFaceInputError, MagicFacePipeline
-from magicface_core.cli import main
 from magicface_core.limits import TEXT_LIMITS
 from magicface_core.rules import (
     DEFAULT_WEIGHT,

@@ -1,6 +1,6 @@
-"""The command line's pre-load checks (magicface_core.cli_checks) as functions: the
-concept specs, the gateway's word rule, images and masks as the library sees them, the
-output paths, and where a model will come from. No model is involved."""
+"""The command line's pre-load checks (magicface_cli.checks and .model_source) as
+functions: the concept specs, the gateway's word rule, images and masks as the library
+sees them, the output paths, and where a model will come from. No model is involved."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from magicface_core import MagicFaceInputError
-from magicface_core import cli_checks as checks
-from magicface_core.cli_checks import (
-    ModelUnavailable,
+from magicface_cli import model_source
+from magicface_cli.checks import (
     check_concepts,
     check_image_output,
     check_writable_folder,
-    locate_model,
     parse_concept,
-    word_in_prompt,
 )
+from magicface_cli.model_source import ModelUnavailable, locate_model
+from magicface_core import MagicFaceInputError
 
 from ..helpers.images import mask_image, noise_image
 
@@ -46,17 +44,6 @@ def test_parse_concept_keys_aliases_and_text():
         parse_concept("hat=h.png,ref=a hat,masks=m.png")
     with pytest.raises(ValueError, match="reference_prompt is given twice"):
         parse_concept("hat=h.png,ref=a,reference_prompt=b")
-
-
-@pytest.mark.parametrize("word,prompt", [
-    ("man", "a man with a hat"), ("man", "a woman with a hat"), ("Hat", "a man with a HAT"),
-    ("red hat", "a man in a red   hat"), ("red hat", "a man in a redhat"),
-    ("man", "a man's hat"), ("c++", "a c++ coder"), ("hat", "hats"),
-])
-def test_word_rule_is_the_gateways(word, prompt):
-    from service.validation import word_in_prompt as gateway_rule
-
-    assert word_in_prompt(word, prompt) == gateway_rule(word, prompt)
 
 
 def test_mask_size_is_compared_after_exif_orientation(tmp_path):
@@ -130,19 +117,19 @@ def test_locate_model(tmp_path, monkeypatch):
         locate_model("someone/not-cached")
     # Online but the hub does not answer: the hint at once, not 30 s of retries.
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(checks, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(model_source, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(ModelUnavailable, match="cannot be reached; use --tiny .* --model "
                                                "/path/to/local/diffusers/folder"):
         locate_model("someone/not-cached")
-    monkeypatch.setattr(checks, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(model_source, "hub_reachable", lambda *a, **k: True)
     assert locate_model("someone/not-cached").download
 
 
 def test_hub_probe_trusts_a_proxy_and_reads_hf_endpoint(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
-    assert checks.hub_reachable(timeout=0.1)
+    assert model_source.hub_reachable(timeout=0.1)
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
                 "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
-    assert not checks.hub_reachable(timeout=0.5)
+    assert not model_source.hub_reachable(timeout=0.5)

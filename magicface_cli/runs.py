@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli_checks import check_concepts, check_limit, check_prompt
-from .config import Concept, GenerationConfig
-from .errors import MagicFaceInputError
+from magicface_core.config import Concept, GenerationConfig
+from magicface_core.errors import MagicFaceInputError
+
+from .checks import check_concepts, check_limit, check_prompt
 
 __all__ = ["Example", "find_examples", "read_example", "read_manifest", "load_examples",
            "run_examples", "RESULTS_FILE", "SUMMARY_FILE", "EXAMPLE_CONCEPT_KEYS"]

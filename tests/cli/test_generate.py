@@ -17,10 +17,10 @@ from PIL import Image
 
 import magicface_core
 import magicface_core.pipeline as pipeline_module
-from magicface_core import cli_checks
-from magicface_core.cli import main, overlay_semantic_map, parse_concept
+from magicface_cli import main, model_source
+from magicface_cli.checks import parse_concept
 from magicface_core.limits import LIMITS, TEXT_LIMITS
-from magicface_core.overlay import concept_color
+from magicface_core.overlay import concept_color, overlay_semantic_map
 
 from ..helpers.examples import EXAMPLES
 
@@ -165,7 +165,7 @@ def test_every_bad_input_fails_before_any_model(no_model, tmp_path, capsys):
 def test_bad_input_needs_no_torch_and_the_offline_hint_comes_at_once(tmp_path):
     """In a fresh interpreter: the checks and the offline hint import neither torch nor
     diffusers (so they take well under a second, not a model load or 30 s of retries)."""
-    probe = ("import sys; from magicface_core.cli import main; rc = main(sys.argv[1:]); "
+    probe = ("import sys; from magicface_cli import main; rc = main(sys.argv[1:]); "
              "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules)); "
              "sys.exit(rc)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -186,7 +186,7 @@ def test_bad_input_needs_no_torch_and_the_offline_hint_comes_at_once(tmp_path):
 
 def test_offline_hint_for_an_unreachable_hub(no_model, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(cli_checks, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(model_source, "hub_reachable", lambda *a, **k: False)
     assert main(hub(tmp_path)) == 2  # the default model
     err = capsys.readouterr().err
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5: not in the local Hugging Face cache" in err
@@ -197,7 +197,7 @@ def test_a_failed_download_gives_the_hint(tmp_path, capsys, monkeypatch):
     def offline(*a, **k):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nmore text")
 
-    monkeypatch.setattr(cli_checks, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(model_source, "hub_reachable", lambda *a, **k: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(pipeline_module, "load_pipeline", offline)
     assert main(hub(tmp_path, "magicface-tests/gone")) == 2
@@ -295,7 +295,7 @@ def test_quiet_prints_no_progress(tmp_path, capsys):
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "magicface_core.cli", "generate", "--tiny", "--prompt",
+        [sys.executable, "-m", "magicface_cli", "generate", "--tiny", "--prompt",
          "a man", "--steps", "2", "--concept",
          f"scarf={TRIO / 'man.jpg'},mask={TRIO / 'man_mask.jpg'}",
          "--out", str(tmp_path / "x.png")],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import magicface_core.pipeline as pipeline_module
-from magicface_core.cli import main
+from magicface_cli import main
 
 from ..helpers.examples import EXAMPLES
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from magicface_core.cli import main
-from magicface_core.evaluation import Evaluator, load_manifest, projected
+from magicface_cli import main
+from magicface_cli.evaluation import Evaluator, load_manifest, projected
 from magicface_core.models import write_tiny_tokenizer
 
 SYNTHETIC = Path(__file__).resolve().parents[2] / "examples" / "synthetic"

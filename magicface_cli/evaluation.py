@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class EvalReport:
         cols = [m for m in (*METRICS, "face_detected") if m in means]
         lines = ["| item | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
 
-        def fmt(v):
+        def fmt(v: float | bool | None) -> str:
             if isinstance(v, bool):
                 return "yes" if v else "no"
             return "-" if v is None else f"{v:.4f}"
@@ -135,7 +136,7 @@ def load_manifest(path: str | Path) -> list[EvalItem]:
     return items
 
 
-def projected(out) -> torch.Tensor:
+def projected(out: Any) -> torch.Tensor:
     """CLIP's projected embedding: transformers 5 returns it as the output's
     `pooler_output`, earlier releases as a bare tensor."""
     return out.pooler_output if hasattr(out, "pooler_output") else out
@@ -174,7 +175,7 @@ class Evaluator:
         return {"local_files_only": only}
 
     @property
-    def clip(self):
+    def clip(self) -> tuple[Any, Any]:
         if self._clip is None:
             from transformers import CLIPModel, CLIPProcessor
 
@@ -184,7 +185,7 @@ class Evaluator:
         return self._clip
 
     @property
-    def dino(self):
+    def dino(self) -> tuple[Any, Any]:
         if self._dino is None:
             from transformers import AutoImageProcessor, AutoModel
 
@@ -194,7 +195,7 @@ class Evaluator:
         return self._dino
 
     @property
-    def face(self):
+    def face(self) -> tuple[Any, Any]:
         if self._face is None:
             try:
                 from facenet_pytorch import MTCNN, InceptionResnetV1
@@ -222,7 +223,8 @@ class Evaluator:
         with Image.open(path) as img:
             return img.convert("RGB")
 
-    def _memo(self, kind: str, path: Path, fn: Callable[[], torch.Tensor | None]):
+    def _memo(self, kind: str, path: Path,
+              fn: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         key = (kind, path.resolve())
         if key not in self._cache:
             self._cache[key] = fn()
@@ -230,7 +232,7 @@ class Evaluator:
 
     @torch.no_grad()
     def clip_image(self, path: Path) -> torch.Tensor:
-        def run():
+        def run() -> torch.Tensor:
             model, proc = self.clip
             px = proc(images=self._open(path), return_tensors="pt")["pixel_values"]
             return projected(model.get_image_features(pixel_values=px.to(self.device)))[0]
@@ -246,7 +248,7 @@ class Evaluator:
 
     @torch.no_grad()
     def dino_image(self, path: Path) -> torch.Tensor:
-        def run():
+        def run() -> torch.Tensor:
             model, proc = self.dino
             px = proc(images=self._open(path), return_tensors="pt")["pixel_values"]
             return model(pixel_values=px.to(self.device)).last_hidden_state[0, 0]  # [CLS]
@@ -254,7 +256,7 @@ class Evaluator:
 
     @torch.no_grad()
     def face_embedding(self, path: Path) -> torch.Tensor | None:
-        def run():
+        def run() -> torch.Tensor | None:
             mtcnn, net = self.face
             crop = mtcnn(self._open(path))  # the largest face, 160 x 160, or None
             return None if crop is None else net(crop[None].to(self.device))[0]
