@@ -33,4 +33,4 @@ def test_no_server_errors(redis_db, redis_server, tmp_path):
 
         check()
         checked.append(operation.label)
-    assert "POST /v1/jobs" in checked and len(checked) == 13
+    assert "POST /v1/jobs" in checked and "GET /v1/limits" in checked and len(checked) == 14
