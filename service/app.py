@@ -33,6 +33,7 @@ from .api.middleware import GatewayMiddleware
 from .api.request_ids import request_id
 from .api.routes import jobs as job_routes
 from .api.routes import limits as limit_routes
+from .api.routes import masks as mask_routes
 from .api.routes import probes as probe_routes
 from .api.routes.jobs import JOB_ERROR_STATUS
 from .errors import ApiError
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None,
     app.include_router(job_routes.router)
     app.include_router(probe_routes.router)
     app.include_router(limit_routes.router)
+    app.include_router(mask_routes.router)
     _install_page(app)
     _install_docs(app)
     return app

@@ -17,7 +17,8 @@ from rq.job import Job
 from .schemas import ErrorDetail, JobState, LegendEntry
 
 __all__ = ["ANONYMOUS", "JobRecord", "StepProgress", "WebhookSpec", "UnreadableRecord",
-           "read", "write", "unreadable", "owner_of", "batch_key_of"]
+           "read", "write", "unreadable", "owner_of", "batch_key_of", "MaskRecord",
+           "read_mask"]
 
 # The owner of jobs made without API keys configured.
 ANONYMOUS = "public"
@@ -115,3 +116,25 @@ def batch_key_of(job: Job) -> str | None:
         return read(job).batch_key
     except UnreadableRecord:
         return None
+
+
+class MaskRecord(BaseModel):
+    """A mask proposal's record (its input and result travel as the RQ job's JSON
+    argument and return value)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    owner: str = ANONYMOUS
+    word: str = ""
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def read_mask(job: Job) -> MaskRecord:
+    if unreadable(job):
+        raise UnreadableRecord(f"mask {job.id}: its record is not JSON")
+    try:
+        return MaskRecord.model_validate(job.meta)
+    except ValidationError as e:
+        raise UnreadableRecord(f"mask {job.id}: its record has the wrong shape") from e

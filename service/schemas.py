@@ -196,3 +196,28 @@ class Limits(BaseModel):
     default_preset: str
     max_request_bytes: int
     max_wait_s: int = Field(description="the longest `Prefer: wait=N`")
+
+
+class MaskStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class MaskProposalResult(BaseModel):
+    mask: str = Field(description="the mask as a data:image/png;base64 URI, the "
+                                  "reference's size, white = the concept")
+    box: list[int] = Field(description="[x0, y0, x1, y1] in the image's pixels: what "
+                                       "was found")
+    score: float = Field(description="the detector's confidence, 0-1")
+    source: str = Field(description="how it was made: detector+sam, face+sam, "
+                                    "face+ellipse, detector+ellipse")
+
+
+class MaskView(BaseModel):
+    id: str
+    status: MaskStatus
+    word: str
+    result: MaskProposalResult | None = None
+    error: ErrorDetail | None = None

@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     fold_attention_bias: bool = True  # RSA/RBA bias in extra head dims (mask-free SDPA)
     fuse_qkv_projections: bool = False  # one matmul for Q/K/V (diffusers' fused projections)
     sam_checkpoint: str | None = None
+    sam_model_type: str = "vit_h"  # the checkpoint's architecture: vit_h, vit_l or vit_b
+    # Masks from the concept word (POST /v1/masks, jobs sent without masks): a worker
+    # proposes them when it has a text-prompted detector (a Grounding DINO hub id or
+    # folder) or MASK_FACES (facenet-pytorch's MTCNN, for person words), or both.
+    mask_detector: str | None = None
+    mask_faces: bool = False
+    mask_threshold: float = Field(default=0.3, ge=0, le=1)
+    max_queued_masks: int = Field(default=32, ge=1)  # beyond this many waiting: 429
+    mask_ttl_s: int = Field(default=600, ge=60)  # a proposal is kept this long
     worker_heartbeat_ttl_s: int = 10
     worker_maintenance_interval_s: int = 5
     worker_name: str | None = None
@@ -115,6 +124,16 @@ class Settings(BaseSettings):
         raise ValueError("MAGICFACE_MODEL is not set: name a diffusers checkpoint (a hub "
                          "id or a local folder), or set MAGICFACE_DEMO=true to run the "
                          "random-weight tiny model (it draws noise)")
+
+    @property
+    def mask_queue_name(self) -> str:
+        """Mask proposals wait on a queue of their own: short jobs that must not queue
+        behind generations (a worker that proposes masks takes them first)."""
+        return f"{self.queue_name}-masks"
+
+    @property
+    def proposes_masks(self) -> bool:
+        return bool(self.mask_detector or self.mask_faces)
 
     @property
     def reaper_settle_s(self) -> float:

@@ -121,14 +121,15 @@ async def from_multipart(request, settings: Settings) -> Submission:
         await form.close()
 
 
-def parse_json_body(raw: bytes) -> dict:
+def parse_json_body(raw: bytes, fields: frozenset[str] | None = None) -> dict:
+    """The body as a JSON object with only `fields` (default: a job's)."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(422, "invalid_request", f"body: not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "body: must be a JSON object")
-    unknown = sorted(set(body) - set(JobCreate.model_fields))
+    unknown = sorted(set(body) - (set(JobCreate.model_fields) if fields is None else fields))
     if unknown:
         raise ApiError(422, "invalid_request", f"{unknown[0]}: unknown field")
     return body
@@ -159,9 +160,9 @@ def from_json(body: dict, settings: Settings) -> Submission:
     refuse(*concept_problems(body["prompt"], specs, most=settings.max_concepts))
     images, masks = [], []
     for i, (image, mask) in enumerate(sources):
-        images.append(_source(image, f"concepts[{i}].image", settings))
+        images.append(image_source(image, f"concepts[{i}].image", settings))
         if mask is not None:
-            masks.append((i, _source(mask, f"concepts[{i}].mask", settings)))
+            masks.append((i, image_source(mask, f"concepts[{i}].mask", settings)))
     if masks and len(masks) != len(concepts):
         missing = next(i for i in range(len(concepts)) if i not in dict(masks))
         raise ApiError(422, "mask_count_mismatch",
@@ -171,7 +172,8 @@ def from_json(body: dict, settings: Settings) -> Submission:
                       [m for _, m in masks], webhook, wanted)
 
 
-def _source(value: str, where: str, settings: Settings) -> Upload:
+def image_source(value: str, where: str, settings: Settings) -> Upload:
+    """An image sent as a data: URI, or an https URL on INPUT_URL_ALLOWLIST fetched."""
     try:
         if value.startswith("data:"):
             return Upload(None, decode_data_uri(value, settings.max_image_bytes))

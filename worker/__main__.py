@@ -13,6 +13,7 @@ from service.storage import open_storage
 from service.validation import Params
 
 from . import tasks
+from .masks import load_proposer
 from .warmup import open_compile_cache, parse_shapes, plans_needed, save_compile_cache, warm_up
 from .worker import MagicFaceWorker
 
@@ -122,13 +123,17 @@ def main() -> None:
     log = logging.getLogger("magicface.worker")
     tasks.RUNTIME = tasks.Runtime(pipe=pipe, settings=settings, storage=storage, redis=redis,
                                   safety=load_safety_checker(settings, pipe.device, log),
-                                  weights_sha256=pipe.weights_sha256())
+                                  weights_sha256=pipe.weights_sha256(),
+                                  proposer=load_proposer(settings, pipe.device))
     log.info("model %s loaded on %s", model, pipe.device)
     ready = {"warm": False}
     # RQ's loop ends on an error it does not handle (a Redis outage outlasting
     # REDIS_RETRY_S, say): start it again, model still loaded, unless asked to stop.
     while True:
-        worker = MagicFaceWorker([open_queue(settings.queue_name, redis)],
+        # Mask proposals first: short jobs a client waits on, ahead of generations.
+        queues = ([open_queue(settings.mask_queue_name, redis)] if settings.proposes_masks
+                  else []) + [open_queue(settings.queue_name, redis)]
+        worker = MagicFaceWorker(queues,
                                  settings=settings, connection=redis,
                                  model=model, storage=storage)
         if not ready["warm"]:

@@ -25,6 +25,7 @@ class Runtime:
     redis: Redis
     safety: Any = None  # a SafetyChecker when SAFETY_CHECKER is warn or block
     weights_sha256: str | None = None  # of the loaded model, for the job's record
+    proposer: Any = None  # a MaskProposer when MASK_DETECTOR or MASK_FACES is set
 
 
 class JobCanceled(Exception):

@@ -24,12 +24,13 @@ from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
 from service import jobs, keys, records, workers
+from service.masks import MASK_TASK
 from service.queueing import JobSerializer, SafeJob, fetch_jobs
 from service.reaper import reap, settled
 from service.settings import Settings
 from service.storage import Storage
 
-from . import tasks
+from . import masks, tasks
 from .retry import REDIS_DOWN, retry
 from .sweeper import sweep_if_due
 
@@ -49,8 +50,11 @@ class MagicFaceJob(SafeJob):
     @property
     def func(self):
         name = self.func_name  # DeserializationError for a record that is not JSON
+        if name == MASK_TASK:
+            return masks.propose
         if not (name == jobs.TASK or (name or "").endswith("." + jobs.TASK)):
-            raise ValueError(f"{name!r} is not this worker's task ({jobs.TASK})")
+            raise ValueError(f"{name!r} is not this worker's task ({jobs.TASK} or "
+                             f"{MASK_TASK})")
         if self.outcome is not None:
             done = self.outcome
             return lambda *args, **kwargs: done.get()
@@ -97,6 +101,7 @@ class MagicFaceWorker(SimpleWorker):
 
     def _register(self) -> None:
         info = {"name": self.name, "model": self.model, "model_loaded": True,
+                "masks": self.settings.proposes_masks,
                 "warm": self.warm, "ready_s": self.ready_s, "pid": os.getpid(),
                 "since": self._since}
         workers.register(self.connection, self.settings.queue_name, self.name, info,
@@ -115,7 +120,7 @@ class MagicFaceWorker(SimpleWorker):
             except Exception as e:  # noqa: BLE001 - Redis may come back
                 log.warning("worker announce failed: %s", e)
             try:
-                for queue in self.queues:
+                for queue in self._job_queues():
                     jobs.expire(self.connection, queue, self.settings.result_ttl_s)
             except Exception as e:  # noqa: BLE001 - the next round may succeed
                 log.warning("deadline check failed: %s", e)
@@ -182,6 +187,8 @@ class MagicFaceWorker(SimpleWorker):
         self._ended(job, queue)
 
     def _ended(self, job: Job, queue: Queue) -> None:
+        if job.func_name == MASK_TASK:  # a proposal has no events, webhooks or retention
+            return
         try:
             self._through_outage("terminal event", jobs.publish_end, self.connection, job, queue,
                                  self.settings.result_ttl_s)
@@ -203,10 +210,15 @@ class MagicFaceWorker(SimpleWorker):
         if not settled(self.connection, settle_s):
             # RQ's clean-up would fail the same just-restored jobs, without an event.
             return
-        for queue in self.queues:
+        for queue in self._job_queues():
             reap(self.connection, queue, self.settings.result_ttl_s,
                  self.settings.worker_maintenance_interval_s, force=True)
         super().clean_registries()
+
+    def _job_queues(self) -> list[Queue]:
+        """The generation queues (mask proposals have no deadlines or events: RQ's own
+        clean-up fails an abandoned one)."""
+        return [q for q in self.queues if q.name != self.settings.mask_queue_name]
 
     def work(self, *args, **kwargs):
         self.start_announcing(self.warm)

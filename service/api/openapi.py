@@ -28,7 +28,7 @@ ERROR_CODES: dict[int, list[str]] = {
           "webhooks_disabled", "invalid_header", "idempotency_conflict", "invalid_cursor"],
     429: ["queue_full (with Retry-After)", "key_queue_full (with Retry-After)"],
     503: ["unavailable", "redis_unavailable", "storage_unavailable", "no_worker",
-          "warming_up"],
+          "warming_up", "no_mask_worker"],
 }
 
 

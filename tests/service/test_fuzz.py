@@ -122,3 +122,25 @@ def test_hostile_headers_and_queries(fuzz_api):
                            headers={"Last-Event-ID": value}))
 
     run()
+
+
+def test_hostile_mask_proposal_fields(fuzz_api, redis_db):
+    from service.settings import Settings
+    from service.workers import register
+
+    # A worker that proposes masks, so each request reaches validation.
+    register(redis_db, Settings().queue_name, "fuzz-masker",
+             {"model_loaded": True, "masks": True}, 600)
+
+    @FUZZ
+    @given(name=st.sampled_from(["image", "word", "reference_prompt"]), value=HOSTILE)
+    def run(name, value):
+        body = {"image": data_uri(png()), "word": "hat", name: value}
+        check(fuzz_api.post("/v1/masks", content=_dumps(body),
+                            headers={"Content-Type": "application/json"}), name)
+        if isinstance(value, str) and name != "image":
+            form = {"word": "hat", name: value}
+            check(fuzz_api.post("/v1/masks", data=form,
+                                files={"image": ("a.png", png(), "image/png")}), name)
+
+    run()
