@@ -111,6 +111,9 @@ class Reproducibility(BaseModel):
                                         description="seconds per stage: load, sample, "
                                                     "store")
     duration_s: float | None = None
+    mask_sources: list[str] | None = Field(
+        None, description="per concept, when the job came without masks: how its mask "
+                          "was proposed (face+sam, detector+sam, face+ellipse, ...)")
 
 
 class JobView(BaseModel):

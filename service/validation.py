@@ -252,8 +252,9 @@ def refuse(*problems: Problem | None) -> None:
 
 def validate_request(prompt: str, concepts_raw: str | list, images: list[Upload],
                      masks: list[Upload], params_raw: str | dict | None,
-                     settings: Settings) -> JobRequest:
-    """The one validation path of both request bodies (multipart and JSON)."""
+                     settings: Settings, auto_masks: bool = False) -> JobRequest:
+    """The one validation path of both request bodies (multipart and JSON).
+    `auto_masks`: a live worker proposes masks, so a job may come without them."""
     total = sum(len(u.data) for u in images + masks)
     if total > settings.max_request_bytes:
         raise ApiError(413, "request_too_large",
@@ -268,12 +269,13 @@ def validate_request(prompt: str, concepts_raw: str | list, images: list[Upload]
         raise ApiError(422, "mask_count_mismatch",
                        f"masks: {len(masks)} uploaded for {len(concepts)} concepts "
                        "(send none or one per concept)")
-    if not masks and not settings.sam_checkpoint:
-        raise ApiError(422, "masks_required",
-                       "masks: one per concept is required (automatic masks are not "
-                       "configured: SAM_CHECKPOINT is unset)")
     params = parse_params(params_raw, settings)
     valid_images = [decode_image(u, f"images[{i}]", settings) for i, u in enumerate(images)]
+    # After the images: a missing mask must not hide what is wrong with them.
+    if not masks and not (auto_masks or settings.sam_checkpoint):
+        raise ApiError(422, "masks_required",
+                       "masks: one per concept is required (no worker proposes masks: "
+                       "MASK_DETECTOR and MASK_FACES are unset, as is SAM_CHECKPOINT)")
     valid_masks = [decode_image(u, f"masks[{i}]", settings) for i, u in enumerate(masks)]
     for i, (img, m) in enumerate(zip(valid_images, valid_masks, strict=False)):
         if img.size != m.size:

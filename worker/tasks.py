@@ -180,6 +180,7 @@ def configure(rt: Runtime, job: Job, rec: JobRecord, req: dict, images, masks):
     try:
         config = Params.model_validate(req["params"]).to_config(
             reference_seed=rt.settings.reference_seed, sam_checkpoint=rt.settings.sam_checkpoint)
+        masks = _propose_missing(rt, rec, req["concepts"], images, masks)
         concepts = [Concept(image=img, mask=m, word=c["word"],
                             weight=c.get("weight", DEFAULT_WEIGHT),
                             reference_prompt=c.get("reference_prompt"))
@@ -187,6 +188,28 @@ def configure(rt: Runtime, job: Job, rec: JobRecord, req: dict, images, masks):
     except (MagicFaceInputError, ValidationError) as e:
         raise ending.fail(rt, job, rec, ErrorCode.INVALID_INPUT, str(e)) from None
     return req["prompt"], concepts, config
+
+
+def _propose_missing(rt: Runtime, rec: JobRecord, specs: list[dict], images: list,
+                     masks: list) -> list:
+    """A job sent without masks gets the proposer's, one per reference from its word
+    (their sources go into the record); without a proposer the library's own SAM
+    fallback (SAM_CHECKPOINT) or its error applies. Raises MagicFaceInputError naming
+    the reference when nothing is found."""
+    if rt.proposer is None or all(m is not None for m in masks):
+        return masks
+    out, sources = [], []
+    for i, (spec, img, m) in enumerate(zip(specs, images, masks, strict=True)):
+        if m is not None:
+            out.append(m)
+            sources.append("uploaded")
+            continue
+        p = rt.proposer(img, spec["word"], reference_prompt=spec.get("reference_prompt"),
+                        index=i)
+        out.append(p.mask)
+        sources.append(p.source)
+    rec.reproducibility["mask_sources"] = sources
+    return out
 
 
 def finish(rt: Runtime, job: Job, res, begun: Begun) -> dict:

@@ -141,8 +141,10 @@ def create(sub: Submission, owner: str, settings: Settings, redis: Redis, queue:
            storage: Storage, rid: str, lifetime: float | None, key: str | None) -> JobView:
     """Validate, store and enqueue a submission; its view. With an Idempotency-Key seen
     before (with the same body), the job it made instead."""
+    auto_masks = not sub.masks and any(w.get("masks")
+                                       for w in live_workers(redis, queue.name))
     req = validate_request(sub.prompt, sub.concepts, sub.images, sub.masks, sub.params,
-                           settings)
+                           settings, auto_masks)
     hook = ([sub.webhook, sorted(e.value for e in sub.webhook_events)] if sub.webhook
             else None)
     digest = body_hash(req, json.dumps([hook, lifetime]))
