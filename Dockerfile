@@ -49,6 +49,9 @@ COPY constraints.txt ./
 RUN pip install -c constraints.txt torch torchvision
 COPY --from=source /src ./
 RUN pip install -c constraints.txt . "./server[sam]"
+# MASK_FACES: facenet-pytorch's MTCNN (its weights ship in the wheel). Its metadata pins
+# an old torch, so it goes in without its dependencies, as scripts/setup.sh does.
+RUN pip install --no-deps -c constraints.txt facenet-pytorch
 # The model cache (HF_HOME) and the compile cache live on volumes owned by the app user:
 # a volume mounted on a path the image created inherits its owner.
 RUN useradd --create-home --uid 10001 magicface \

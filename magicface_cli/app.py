@@ -7,6 +7,7 @@ import sys
 from .args import build_parser
 from .commands.eval import evaluate
 from .commands.generate import generate
+from .commands.mask import mask
 from .commands.run import run
 from .commands.secret import secret
 from .commands.serve import serve
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
     args = build_parser().parse_args(argv)
-    commands = {"generate": generate, "run": run, "eval": evaluate, "secret": secret}
+    commands = {"generate": generate, "run": run, "mask": mask, "eval": evaluate,
+                "secret": secret}
     try:
         return commands[args.command](args)
     except (ValueError, ImportError) as e:  # MagicFaceInputError is a ValueError

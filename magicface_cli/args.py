@@ -16,12 +16,14 @@ from magicface_core.config import GenerationConfig
 from magicface_core.limits import IMAGE_LIMITS, LIMITS
 from magicface_core.rules import DEFAULT_PRESET, DEFAULT_WEIGHT, PRESETS
 
+from .masks import add_mask_options
+
 __all__ = ["build_parser", "config_from", "DEFAULT_MODEL", "DEFAULT_SIZE", "TINY_SIZE",
            "DESCRIPTION"]
 
-DESCRIPTION = ("`magicface generate | run | eval | serve | secret`: the method, batches of "
-               "examples, their metrics, the local service and webhook secrets from the "
-               "command line.")
+DESCRIPTION = ("`magicface generate | run | mask | eval | serve | secret`: the method, "
+               "batches of examples, masks from a word, their metrics, the local service "
+               "and webhook secrets from the command line.")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The library's defaults, the ones the gateway's parameters default to as well.
 _DEFAULTS = {f.name: f.default for f in fields(GenerationConfig)}
@@ -148,7 +150,8 @@ CONCEPT_HELP = """--concept SPEC:
   weight=           RSA/RBA weight, in {weight} (default: {default_weight:g})
   reference_prompt= the reference image's own prompt (default: the word); ref= is short
                     for it; a comma in it is kept, quote it to keep a key=value
-  box=              narrows the automatic mask (with --sam-checkpoint, no mask=)"""
+  box=              narrows the automatic mask (with --sam-checkpoint, no mask=)
+  mask=auto         the mask proposed from the word (see `magicface mask`)"""
 GENERATE_EPILOG = """example:
   magicface generate --prompt "a man with a hat" \\
     --concept "man=man.jpg,mask=man_mask.png,weight=2.5,reference_prompt=a man" \\
@@ -172,6 +175,13 @@ example: {"prompt": "a man wearing a hat", "seed": 1, "name": "optional",
                 "weight": 3, "reference_prompt": "a man"}]}
 Writes <name>.png per example, results.jsonl (what `magicface eval` reads) and
 summary.json. Exit status: 0 all succeeded, 1 some failed, 2 bad input (nothing run)."""
+MASK_EPILOG = """example:
+  magicface mask man.jpg --word man -o man_mask.png
+  magicface mask hat.jpg --word hat -o hat_mask.png \\
+    --mask-detector IDEA-Research/grounding-dino-tiny
+
+Prints {"out", "box", "score", "source"}. In generate, --concept "hat=hat.jpg,mask=auto"
+does the same on the way. Nothing found is an error (exit status 2) naming the word."""
 EVAL_EPILOG = """example:
   magicface eval results/ --metrics clip_t,dino --out results/eval.json"""
 
@@ -197,6 +207,27 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "<stem>_step<NNN>.png (default: the final map only)")
     _model_options(g)
     _sampling_options(g, run=False)
+    add_mask_options(g.add_argument_group("masks from the word (mask=auto)"))
+
+
+def _add_mask(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("mask", help="propose the mask of a concept in its reference image, "
+                                    "from the word (to look at before generating)",
+                       description="Propose the mask of a concept from its word.",
+                       formatter_class=_HelpFormatter, epilog=MASK_EPILOG)
+    m.add_argument("image", type=Path, metavar="IMAGE", help="the reference image")
+    m.add_argument("--word", required=True, help="the concept's word (hat, man, ...)")
+    m.add_argument("--reference-prompt", default=None, metavar="TEXT",
+                   help="the reference image's own prompt, for the detector")
+    m.add_argument("-o", "--out", required=True, type=Path, metavar="PATH",
+                   help="the mask to write (.png; white = the concept)")
+    m.add_argument("--device", default=None, help="cuda, cpu ... (default: cpu)")
+    m.add_argument("--sam-checkpoint", default=None,
+                   help="segment-anything checkpoint that outlines the found box "
+                        "(default: none: an ellipse of it)")
+    m.add_argument("--sam-model-type", default="vit_b",
+                   help="segment-anything model type of --sam-checkpoint")
+    add_mask_options(m)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -251,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_run(sub)
+    _add_mask(sub)
     sub.add_parser("secret", help="print a fresh webhook secret (whsec_ + 32 random bytes "
                                   "in base64) for WEBHOOK_SECRET",
                    description="Print a fresh Standard Webhooks secret for WEBHOOK_SECRET.")

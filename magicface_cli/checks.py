@@ -204,10 +204,11 @@ def _check_box(box: Any, size: tuple[int, int], label: str) -> None:
 
 
 def check_concepts(prompt: str, concepts: Sequence[dict], label: Callable[[int, str], str],
-                   sam_checkpoint: str | None = None) -> None:
+                   sam_checkpoint: str | None = None, auto_masks: bool = False) -> None:
     """Every concept (a dict of Concept's fields, `image`/`mask` as file paths) against
     the prompt, the limits and its files. `label(i, field)` names concept i's field in
-    the messages (field "" for the concept as a whole; i = -1 for the list)."""
+    the messages (field "" for the concept as a whole; i = -1 for the list).
+    `auto_masks`: a proposer is configured, so `mask=auto` may be asked for."""
     # The text fields by the rule book (the library's and the gateway's), then files.
     # No concept: plain Stable Diffusion, as the library allows.
     problems = concept_problems(prompt, concepts, least=0, field=label)
@@ -218,7 +219,11 @@ def check_concepts(prompt: str, concepts: Sequence[dict], label: Callable[[int, 
         size = check_image_file(c.get("image"), label(i, "image"))
         if c.get("box") is not None:
             _check_box(c["box"], size, label(i, "box"))
-        if c.get("mask") is not None:
+        if c.get("mask") == "auto":
+            if not auto_masks:
+                raise fail(f"{label(i, 'mask')}: mask=auto needs --mask-detector or "
+                           "--mask-faces")
+        elif c.get("mask") is not None:
             mask_size = check_image_file(c["mask"], label(i, "mask"))
             if mask_size != size:
                 raise fail(f"{label(i, 'mask')}: the mask is {mask_size[0]}x{mask_size[1]} "

@@ -18,6 +18,7 @@ from ..checks import (
     parse_concept,
 )
 from ..maps import save_maps
+from ..masks import propose_auto_masks, proposer_from
 from ..model_source import load_model, locate_model
 from ..progress import Progress, sample
 
@@ -48,13 +49,18 @@ def generate(args: argparse.Namespace) -> int:
     check_prompt(args.prompt)
     specs = [parse_concept(s) for s in args.concept]
     check_options(args)
-    check_concepts(args.prompt, specs, _concept_label(specs), args.sam_checkpoint)
+    check_concepts(args.prompt, specs, _concept_label(specs), args.sam_checkpoint,
+                   auto_masks=bool(args.mask_detector or args.mask_faces))
     _check_outputs(args)
-    concepts = [Concept(**spec) for spec in specs]
     config = config_from(args, args.seed, args.save_maps is not None)
     source = locate_model(args.model, args.tiny)
-    # 2. The model, then the image.
     progress = Progress(args.quiet)
+    # 2. Masks from the words (mask=auto): before the model, so nothing found costs
+    # no model load.
+    specs = propose_auto_masks(specs, lambda: proposer_from(args, args.device),
+                               progress.say)
+    concepts = [Concept(**spec) for spec in specs]
+    # 3. The model, then the image.
     pipe = load_model(args, source, progress)
     res = sample(pipe, args.prompt, concepts, config, progress)
     res.image.save(args.out)
