@@ -1,6 +1,7 @@
 // The form: the concept rows (a word of the prompt, a weight, a reference photo with
 // its mask) and the multipart request built from them and the parameters.
 
+import { wireAutoMask } from './auto_mask.js';
 import { $, els } from './dom.js';
 import {
   disposeMaskEditor, exportMask, maskEditorState, maskIsEmpty, wireMaskEditor,
@@ -81,6 +82,7 @@ export function addConcept() {
   };
   $('.remove-concept', node).addEventListener('click', () => removeConcept(c));
   wireMaskEditor(c);
+  wireAutoMask(c);
   els.concepts.append(node);
   concepts.push(c);
   fillWordSelect(c);

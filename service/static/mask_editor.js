@@ -22,6 +22,7 @@ export function maskEditorState(node) {
     eraser: $('.tool-eraser', node),
     brushSize: $('.brush-size', node),
     brushSizeValue: $('.brush-size-value', node),
+    autoMask: $('.auto-mask', node),
     imageFile: null, // the reference file, sent as is
     imageUrl: null,
     imageReady: false, // decoded: the canvas has its natural size
@@ -155,6 +156,12 @@ async function setImage(c, file) {
   c.editor.hidden = false;
   if (c.maskFile) await applyMaskFile(c, c.maskFile);
   else c.maskNote.textContent = '';
+}
+
+// A mask from elsewhere (an upload, the server's proposal) onto the canvas, where the
+// brush can correct it.
+export async function useMaskFile(c, file) {
+  return setMaskFile(c, file);
 }
 
 async function setMaskFile(c, file) {

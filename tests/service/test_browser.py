@@ -40,7 +40,7 @@ def stack(redis_server, tmp_path_factory):
     r.flushdb()
     tmp = tmp_path_factory.mktemp("browser")
     s = Stack({"REDIS_URL": redis_server, "STORAGE_URL": f"file://{tmp / 'store'}",
-               "API_KEYS": KEY}, tmp / "logs")
+               "API_KEYS": KEY, "MASK_FACES": "true"}, tmp / "logs")
     try:
         s.start_gateway()
         s.start_worker(wait=False)  # it loads its model while the first tests run
@@ -223,6 +223,44 @@ def test_server_errors_are_shown(page, tmp_path):
     assert "concepts[0].word" in msg and "does not occur in the prompt" in msg, msg
     assert driver.find_element(By.ID, "submit").is_enabled()
     assert severe_console_errors(driver, EXPECTED_FAILED_LOADS) == []
+
+
+def test_auto_mask_fills_the_canvas_with_the_proposal(page, stack, tmp_path):
+    """The "Auto mask" button: the worker's proposal for the chosen word lands on the
+    canvas (still editable); nothing found is said in the mask note."""
+    from PIL import Image
+    from skimage import data as samples
+
+    driver = page
+    stack.wait_ready()
+    photo = tmp_path / "woman.png"
+    Image.fromarray(samples.astronaut()[::2, ::2]).save(photo)  # 256x256, a real face
+    _type(driver, "#api-key", KEY)
+    _type(driver, "#prompt", "a photo of a woman")
+    concept = _add_concept(driver)
+    _upload_image(driver, concept, photo)
+    note = concept.find_element(By.CSS_SELECTOR, ".mask-note")
+    concept.find_element(By.CSS_SELECTOR, ".auto-mask").click()
+    assert "Choose the word first" in wait_until(lambda: note.text, 10, what="the note")
+    Select(concept.find_element(By.CSS_SELECTOR, ".word-select")).select_by_visible_text(
+        "woman")
+    concept.find_element(By.CSS_SELECTOR, ".auto-mask").click()
+    text = wait_until(lambda: note.text if "Proposed" in note.text else "", 60,
+                      what="the proposal")
+    assert "face+ellipse" in text, text
+    mask = np.asarray(_export_mask(driver).convert("L")) > 127
+    assert mask.shape == (256, 256)
+    rows = np.nonzero(mask.any(axis=1))[0]
+    assert 0.02 * mask.size < mask.sum() < 0.5 * mask.size and rows.mean() < 128
+    # A cat is not a woman: the mask note says so.
+    cat = tmp_path / "cat.png"
+    Image.fromarray(samples.chelsea()).save(cat)
+    _upload_image(driver, concept, cat)
+    concept.find_element(By.CSS_SELECTOR, ".auto-mask").click()
+    text = wait_until(lambda: note.text if "found" in note.text else "", 60,
+                      what="the not-found note")
+    assert "no 'woman' found" in text, text
+    assert severe_console_errors(driver) == []
 
 
 SMALL_JOB = {"steps": "4", "width": "64", "height": "64", "seed": "7"}
