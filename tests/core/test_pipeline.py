@@ -11,6 +11,7 @@ from PIL import Image
 from magicface_core import Concept, GenerationConfig, MagicFacePipeline
 from magicface_core.attention import ReferenceAttnProcessor
 from magicface_core.models import sharpen_attention
+from magicface_core.pipeline import GenerationRequest
 
 from ..helpers.examples import example_concepts
 from ..helpers.images import mask_image, noise_image, solid
@@ -137,6 +138,55 @@ def test_on_step_reports_every_step_and_an_exception_aborts_cleanly(pipe, small_
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)
     assert not any(isinstance(p, ReferenceAttnProcessor) for p in after.values())
+
+
+def test_on_references_is_told_once_between_the_references_and_the_first_step(
+        pipe, small_config, monkeypatch):
+    # The CLI's cue to end its bar over the references and start the one over the
+    # steps: it used to wrap the instance's prepare_references to learn it.
+    prompt, concepts = example_concepts("trio", limit=2)
+    events = []
+    real = pipe.prepare_references
+
+    def spy(cs, cfg):
+        refs = real(cs, cfg)
+        events.append(("prepared", len(refs)))
+        return refs
+
+    def step(s, n):
+        events.append(("step", s))
+
+    monkeypatch.setattr(pipe, "prepare_references", spy)
+    steps = [("step", i) for i in range(1, 6)]
+    pipe.generate(prompt, concepts, small_config, on_step=step,
+                  on_references=lambda n: events.append(("references", n)))
+    assert events == [("prepared", 2), ("references", 2), *steps]
+
+    events.clear()
+    pipe.generate(prompt, [], small_config, on_step=step,
+                  on_references=lambda n: events.append(("references", n)))
+    assert events == [("prepared", 0), ("references", 0), *steps]
+
+    # In a batch, each request is told of its own references, all before any step.
+    events.clear()
+    pipe.generate_batch([
+        GenerationRequest(prompt, concepts, small_config, step,
+                          on_references=lambda n: events.append(("a", n))),
+        GenerationRequest(prompt, concepts[:1], small_config, step,
+                          on_references=lambda n: events.append(("b", n)))])
+    assert events[:4] == [("prepared", 2), ("a", 2), ("prepared", 1), ("b", 1)]
+    assert all(e[0] == "step" for e in events[4:])
+
+    class Stop(Exception):
+        pass
+
+    def stop(n):
+        raise Stop()
+
+    events.clear()
+    with pytest.raises(Stop):
+        pipe.generate(prompt, concepts, small_config, on_step=step, on_references=stop)
+    assert events == [("prepared", 2)]  # aborted before the first step
 
 
 def test_no_guidance_with_concepts(pipe, small_config):
