@@ -183,7 +183,9 @@ MASK_EPILOG = """example:
 Prints {"out", "box", "score", "source"}. In generate, --concept "hat=hat.jpg,mask=auto"
 does the same on the way. Nothing found is an error (exit status 2) naming the word."""
 EVAL_EPILOG = """example:
-  magicface eval results/ --metrics clip_t,dino --out results/eval.json"""
+  magicface eval results/ --metrics clip_t,dino --out results/eval.json
+  magicface eval masks --examples examples/ --mask-detector IDEA-Research/grounding-dino-tiny \\
+    --sam-checkpoint sam_vit_b_01ec64.pth"""
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -256,7 +258,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                        description="The paper's metrics over a results folder.",
                        formatter_class=_HelpFormatter, epilog=EVAL_EPILOG)
     e.add_argument("results", type=Path,
-                   help="a results folder (results.jsonl or manifest.jsonl) or a manifest")
+                   help="a results folder (results.jsonl or manifest.jsonl) or a manifest; "
+                        "`masks` (with --examples): the proposed masks against the hand ones")
+    e.add_argument("--examples", nargs="+", type=Path, default=None, metavar="EXAMPLE",
+                   help="eval masks: examples (as `run` takes them) with hand masks "
+                        "(default: none: needed with `masks`)")
+    e.add_argument("--sam-checkpoint", default=None,
+                   help="eval masks: segment-anything checkpoint for the proposals "
+                        "(default: none: ellipses of the found boxes)")
+    e.add_argument("--sam-model-type", default="vit_b",
+                   help="eval masks: segment-anything model type of --sam-checkpoint")
     e.add_argument("--metrics", default="clip_t,clip_i,dino,face",
                    help="comma-separated subset of clip_t, clip_i, dino, face")
     e.add_argument("--clip-model", default=None,
@@ -270,6 +281,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", type=Path, default=None,
                    help="write the report as JSON (default: the table on stdout only)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mask_options(e.add_argument_group("eval masks: the proposer"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,38 +50,27 @@ def silence_library_bars() -> None:
 
 def sample(pipe: MagicFacePipeline, prompt: str, concepts: Sequence[Any],
            config: GenerationConfig, progress: Progress) -> Any:
-    """`pipe.generate` with a bar for preparing the references, then one for the steps.
-
-    The library has no hook between preparing the references and the first step, so
-    the instance's `prepare_references` is wrapped for this call (the class's method is
-    untouched) to close the one bar and open the other at that point."""
+    """`pipe.generate` with a bar for preparing the references, then one for the steps:
+    the pipeline's `on_references` hook closes the one and opens the other."""
     bars: dict[str, Any] = {}
-    had_own = "prepare_references" in vars(pipe)
-    inner = pipe.prepare_references
+    if concepts:
+        bars["references"] = progress.bar(len(concepts), "references", "ref")
 
     def sampling_bar():
         if "sampling" not in bars:
             bars["sampling"] = progress.bar(config.steps, "sampling", "step")
         return bars["sampling"]
 
-    def prepare(cs, cfg):
-        if not cs:
-            refs = inner(cs, cfg)
-        else:
-            with progress.bar(len(cs), "references", "ref") as bar:
-                refs = inner(cs, cfg)
-                bar.update(len(refs))
+    def references_done(n: int) -> None:
+        if "references" in bars:
+            bars["references"].update(n)
+            bars.pop("references").close()
         sampling_bar()
-        return refs
 
-    pipe.prepare_references = prepare
     try:
         return pipe.generate(prompt, concepts, config,
-                             on_step=lambda step, total: sampling_bar().update(1))
+                             on_step=lambda step, total: sampling_bar().update(1),
+                             on_references=references_done)
     finally:
-        if had_own:
-            pipe.prepare_references = inner
-        else:
-            del pipe.prepare_references
-        if "sampling" in bars:
-            bars["sampling"].close()
+        for bar in bars.values():
+            bar.close()

@@ -57,10 +57,49 @@ def test_generate_with_mask_auto(photos, tmp_path, capsys):
     assert "mask proposed (face+ellipse" in capsys.readouterr().err
 
 
-def test_generate_mask_auto_errors_come_before_the_model(photos, tmp_path, capsys,
-                                                         no_model):
+@pytest.mark.usefixtures("no_model")
+def test_generate_mask_auto_errors_come_before_the_model(photos, tmp_path, capsys):
     spec = f"man={photos['cat']},mask=auto"
     assert main(gen(tmp_path, prompt="a man", concepts=(spec,))) == 2
     assert "no 'man' found in reference 1" in capsys.readouterr().err
     assert main(gen(tmp_path, "--no-mask-faces", prompt="a man", concepts=(spec,))) == 2
     assert "mask=auto needs --mask-detector or --mask-faces" in capsys.readouterr().err
+
+
+def test_iou():
+    from magicface_cli.mask_eval import iou
+
+    a = np.zeros((4, 4), bool)
+    b = a.copy()
+    a[:2] = True
+    b[1:3] = True
+    assert iou(a, b) == pytest.approx(4 / 12)
+    assert iou(a, a) == 1.0 and iou(~a & a, ~a & a) == 1.0
+    with pytest.raises(ValueError):
+        iou(a, np.zeros((2, 2), bool))
+
+
+def test_eval_masks_scores_the_proposals_against_the_hand_masks(photos, tmp_path, capsys):
+    """A hand mask around her head scores well above chance; a concept with nothing
+    found is listed with its error, and the status says some got none."""
+    folder = tmp_path / "examples"
+    for name, photo, word, box in (("portrait", "woman", "woman", (64, 0, 160, 170)),
+                                   ("cat", "cat", "man", (100, 50, 300, 250))):
+        (folder / name).mkdir(parents=True)
+        img = Image.open(photos[photo])
+        img.save(folder / name / "ref.png")
+        hand = Image.new("L", img.size, 0)
+        hand.paste(255, box)
+        hand.save(folder / name / "ref_mask.png")
+        (folder / name / "example.json").write_text(json.dumps({
+            "prompt": f"a {word}", "concepts": [{"word": word, "image": "ref.png",
+                                                 "mask": "ref_mask.png"}]}))
+    out = tmp_path / "masks.json"
+    assert main(["eval", "masks", "--examples", str(folder), "--out", str(out),
+                 "--quiet"]) == 1
+    rows = {r["example"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["portrait"]["source"] == "face+ellipse"
+    assert rows["portrait"]["iou"] > 0.4, rows
+    assert "no 'man' found" in rows["cat"]["error"]
+    printed = capsys.readouterr().out
+    assert "mean IoU" in printed and "over 1 of 2 concepts" in printed
