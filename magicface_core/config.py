@@ -230,14 +230,20 @@ class GenerationConfig:
         return tuple(f.name for f in fields(cls))
 
 
+# Concept(mask=AUTO_MASK): the mask proposed from the word (pipe.enable_auto_masks).
+AUTO_MASK = "auto"
+
+
 @dataclass
 class Concept:
     """One reference concept: an image, the prompt word it customizes, and its mask.
 
     `image` and `mask` are PIL images, paths, bytes, numpy arrays or torch tensors
-    ((H, W[, C]) or (C, H, W); uint8, or floats in [0, 1]), decoded on use. With no
-    mask, an automatic segment-anything mask is computed (needs `sam_checkpoint`).
-    `box` (x0, y0, x1, y1 in image pixels) narrows the automatic mask's prompt.
+    ((H, W[, C]) or (C, H, W); uint8, or floats in [0, 1]), decoded on use.
+    `mask="auto"` asks the pipeline's mask proposer (`enable_auto_masks`) for the
+    word's region; so does no mask while a proposer is set. With no mask and no
+    proposer, an automatic segment-anything mask is computed (needs `sam_checkpoint`).
+    `box` (x0, y0, x1, y1 in image pixels) narrows that automatic SAM mask's prompt.
     """
 
     image: Any

@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import Concept
+from .config import AUTO_MASK, Concept
 from .errors import MagicFaceInputError
 from .masks import binarize_mask, letterbox, load_image, sam_mask
 
@@ -37,15 +38,26 @@ def prepare_reference(
     height: int,
     width: int,
     sam_predictor: Callable[[], object] | None = None,
+    proposer: Callable[..., Any] | None = None,
 ) -> PreparedReference:
     """Decode, mask and letterbox one concept.
 
-    The mask is the user's (thresholded at 50% grey, same size as the image) or an
+    The mask is the user's (thresholded at 50% grey, same size as the image), the
+    `proposer`'s from the word (`mask="auto"`, or no mask and a proposer), or an
     automatic SAM mask; `sam_predictor` is a factory called only when needed.
     """
     label = f"concepts[{index}] ('{concept.word}')"
     image = load_image(concept.image, f"{label} image").convert("RGB")
-    if concept.mask is not None:
+    wants_proposal = concept.mask == AUTO_MASK or (
+        concept.mask is None and concept.box is None and proposer is not None)
+    if wants_proposal:
+        if proposer is None:
+            raise MagicFaceInputError(f"{label} asks for mask='auto' but no mask proposer "
+                                      "is set: pipe.enable_auto_masks(...)")
+        mask = binarize_mask(proposer(image, concept.word,
+                                      reference_prompt=concept.reference_prompt,
+                                      index=index).mask)
+    elif concept.mask is not None:
         mask_img = load_image(concept.mask, f"{label} mask")
         if mask_img.size != image.size:
             raise MagicFaceInputError(f"{label} mask is {mask_img.width}x{mask_img.height} but its "

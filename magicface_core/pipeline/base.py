@@ -45,6 +45,8 @@ class MagicFacePipeline(FastLoopSwitchesMixin, DeviceMixin, GenerateMixin, Batch
                           else DDIMScheduler.from_config(scheduler.config))
         self.model_name = model_name
         self.sam_predictor = None  # set directly, or loaded from config.sam_checkpoint
+        # Masks from the concept word (auto_masks.MaskProposer; see enable_auto_masks).
+        self.mask_proposer: Any = None
         self._sam_key: tuple[str, str] | None = None
         self._lock = threading.Lock()
         # Reference K/V cache (None: off); see enable_kv_cache.

@@ -56,7 +56,8 @@ class GenerateMixin:
     def prepare_references(self, concepts: Sequence[Concept],
                            config: GenerationConfig) -> list[PreparedReference]:
         sam = self._sam_factory(config)
-        return [prepare_reference(c, i, config.height, config.width, sam)
+        return [prepare_reference(c, i, config.height, config.width, sam,
+                                  self.mask_proposer)
                 for i, c in enumerate(concepts)]
 
     @torch.no_grad()

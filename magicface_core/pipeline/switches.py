@@ -19,6 +19,20 @@ class FastLoopSwitchesMixin:
         self.kv_cache = ReferenceKVCache(device_bytes=device_bytes, host_bytes=host_bytes)
         return self.kv_cache
 
+    def enable_auto_masks(self, detector: str | None = None, sam_checkpoint: str | None = None,
+                          sam_model_type: str = "vit_b", faces: bool = True,
+                          threshold: float = 0.3):
+        """Masks from the concept word: a concept with `mask="auto"`, or with no mask,
+        gets the proposal of `auto_masks.MaskProposer` (a Grounding DINO `detector`,
+        MTCNN for person words with `faces`, SAM to outline the box). Returns it; set
+        `mask_proposer` to use one made elsewhere (or None to turn it off)."""
+        from ..auto_masks import MaskProposer
+
+        self.mask_proposer = MaskProposer.from_settings(
+            detector=detector, sam_checkpoint=sam_checkpoint, sam_model_type=sam_model_type,
+            faces=faces, device=str(self.device), threshold=threshold)
+        return self.mask_proposer
+
     def enable_compile(self, mode: str = "default", options: dict | None = None) -> None:
         """torch.compile the UNet for the fast path (falls back to eager when the compiler
         fails). `options` (inductor config, e.g. `{"conv_1x1_as_mm": True}`) replaces

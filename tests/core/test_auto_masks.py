@@ -292,3 +292,44 @@ def test_the_proposer_loads_all_three_models_from_settings(dino_dir, tmp_path, m
         assert "segmented" in str(e)
     else:
         assert p.source == "detector+sam" and p.mask.size == (90, 60)
+
+
+# -- the library call ------------------------------------------------------------------
+
+def test_concept_mask_auto_uses_the_pipelines_proposer(pipe, small_config):
+    """`Concept(mask="auto")`, and no mask while a proposer is set, take the proposal:
+    the image equals the one made with that proposal passed as the mask."""
+    from magicface_core import Concept
+
+    hat_box = (40, 30, 120, 90)
+    proposer = MaskProposer(detector=FakeDetector([(hat_box, 0.9)]),
+                            segmenter=FakeSegmenter())
+    manual = np.zeros((IMG.height, IMG.width), np.uint8)
+    manual[hat_box[1]:hat_box[3], hat_box[0]:hat_box[2]] = 255
+    want = pipe.generate("a hat", [Concept(IMG, "hat", mask=Image.fromarray(manual))],
+                         small_config)
+    pipe.mask_proposer = proposer
+    try:
+        got = pipe.generate("a hat", [Concept(IMG, "hat", mask="auto")], small_config)
+        absent = pipe.generate("a hat", [Concept(IMG, "hat")], small_config)
+    finally:
+        pipe.mask_proposer = None
+    assert np.array_equal(np.asarray(got.image), np.asarray(want.image))
+    assert np.array_equal(np.asarray(absent.image), np.asarray(want.image))
+    with pytest.raises(MagicFaceInputError, match="mask='auto' but no mask proposer"):
+        pipe.generate("a hat", [Concept(IMG, "hat", mask="auto")], small_config)
+    pipe.mask_proposer = MaskProposer(detector=FakeDetector([]))
+    try:
+        with pytest.raises(MagicFaceInputError, match="no 'hat' found in reference 1"):
+            pipe.generate("a hat", [Concept(IMG, "hat", mask="auto")], small_config)
+    finally:
+        pipe.mask_proposer = None
+
+
+def test_enable_auto_masks_loads_the_proposer_on_the_pipelines_device(pipe):
+    try:
+        proposer = pipe.enable_auto_masks(faces=True)
+        assert pipe.mask_proposer is proposer
+        assert isinstance(proposer.face_detector, FaceDetector) and proposer.detector is None
+    finally:
+        pipe.mask_proposer = None
