@@ -48,8 +48,9 @@ def prepare_reference(
     """
     label = f"concepts[{index}] ('{concept.word}')"
     image = load_image(concept.image, f"{label} image").convert("RGB")
-    wants_proposal = concept.mask == AUTO_MASK or (
-        concept.mask is None and concept.box is None and proposer is not None)
+    auto = isinstance(concept.mask, str) and concept.mask == AUTO_MASK
+    wants_proposal = auto or (concept.mask is None and concept.box is None
+                              and proposer is not None)
     if wants_proposal:
         if proposer is None:
             raise MagicFaceInputError(f"{label} asks for mask='auto' but no mask proposer "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 from rq import Queue
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from magicface_core.limits import TEXT_LIMITS
@@ -98,9 +98,10 @@ def fetch(redis: Redis, mask_id: str, owner: str) -> Job:
     try:
         job = fetch_job(mask_id, redis)
         rec = records.read_mask(job)
-    except (NoSuchJobError, UnreadableRecord):
+        task = job.func_name  # DeserializationError for a record that is not JSON
+    except (NoSuchJobError, UnreadableRecord, DeserializationError):
         raise missing from None
-    if job.func_name != MASK_TASK or rec.owner != owner:
+    if task != MASK_TASK or rec.owner != owner:
         raise missing
     return job
 

@@ -187,7 +187,7 @@ class MagicFaceWorker(SimpleWorker):
         self._ended(job, queue)
 
     def _ended(self, job: Job, queue: Queue) -> None:
-        if job.func_name == MASK_TASK:  # a proposal has no events, webhooks or retention
+        if _is_proposal(job):  # a proposal has no events, webhooks or retention
             return
         try:
             self._through_outage("terminal event", jobs.publish_end, self.connection, job, queue,
@@ -337,6 +337,13 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
 end
 return 0
 """
+
+
+def _is_proposal(job: Job) -> bool:
+    try:
+        return job.func_name == MASK_TASK
+    except Exception:  # noqa: BLE001 - a record that is not JSON: not ours, a generation's
+        return False
 
 
 def _claim(queue: Queue, job_id: str) -> bool:

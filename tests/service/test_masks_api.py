@@ -91,3 +91,17 @@ def test_masks_required_comes_after_the_image_errors(gateway):
                     files=[("images", ("x.png", _png(samples.chelsea()[:64, :64]),
                                        "image/png"))])
     assert r.status_code == 422 and r.json()["error"]["code"] == "masks_required", r.text
+
+
+def test_a_planted_record_under_a_mask_id_is_unknown(gateway):
+    """A pickled or hand-written record where a proposal id points: 404, never 5xx."""
+    import pickle
+
+    client, settings, redis_db = gateway
+    for job_id, fields in (("a" * 32, {"data": pickle.dumps(("x",)), "meta": b"{}"}),
+                           ("b" * 32, {"data": b"not json", "meta": pickle.dumps({})}),
+                           ("c" * 32, {"data": b'["worker.tasks.generate", null, [], {}]',
+                                       "meta": b'{"owner": "public"}'})):
+        redis_db.hset(f"rq:job:{job_id}", mapping={**fields, "status": "finished"})
+        r = client.get(f"/v1/masks/{job_id}")
+        assert r.status_code == 404, (job_id, r.text)
