@@ -28,4 +28,10 @@ export const els = {
   resultImage: $('#result-image'),
   semanticMap: $('#semantic-map'),
   legend: $('#legend'),
+  download: $('#download'),
+  resultId: $('#result-id'),
+  resultSeed: $('#result-seed'),
+  history: $('#history'),
+  historyList: $('#history-list'),
+  historyNote: $('#history-note'),
 };

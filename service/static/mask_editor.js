@@ -1,11 +1,16 @@
 // The mask editor of one concept: the reference photo with a canvas over it at the
 // photo's natural size, a brush and an eraser, and masks uploaded as files. The canvas
-// keeps paint as white with alpha; exportMask turns it into the black-and-white PNG
-// the server wants.
+// keeps paint as opaque colour (its alpha is the mask); exportMask turns it into the
+// black-and-white PNG the server wants.
 
 import { $ } from './dom.js';
 
 const STAGE_BOX_PX = 420; // the mask editor fits the photo in a square this size
+// The paint's colour on screen: white paint vanished on light photos (a pale face, a
+// white wall); a saturated magenta, shown semi-transparent (style.css), stands out on
+// both light and dark ones and lets the photo show through.
+const PAINT_RGB = [255, 0, 170];
+const PAINT = `rgb(${PAINT_RGB.join(', ')})`;
 
 // The editor's part of a concept's record, for the concept's cloned template `node`.
 export function maskEditorState(node) {
@@ -99,8 +104,8 @@ function paint(c, a, b) {
   const ctx = c.ctx;
   ctx.save();
   ctx.globalCompositeOperation = c.eraser.checked ? 'destination-out' : 'source-over';
-  ctx.strokeStyle = '#ffffff';
-  ctx.fillStyle = '#ffffff';
+  ctx.strokeStyle = PAINT;
+  ctx.fillStyle = PAINT;
   ctx.lineWidth = width;
   ctx.lineCap = 'round';
   ctx.lineJoin = 'round';
@@ -151,7 +156,7 @@ async function setImage(c, file) {
   c.stage.style.aspectRatio = `${w} / ${h}`;
   c.preview.alt = `Reference image ${file.name} (${w}×${h})`;
   c.canvas.setAttribute('aria-label',
-    `Mask of ${file.name}: paint the concept white (${w}×${h} pixels)`);
+    `Mask of ${file.name}: paint over the concept (${w}×${h} pixels)`);
   c.imageReady = true;
   c.editor.hidden = false;
   if (c.maskFile) await applyMaskFile(c, c.maskFile);
@@ -176,7 +181,7 @@ async function setMaskFile(c, file) {
   await applyMaskFile(c, file);
 }
 
-// Draw an uploaded mask onto the canvas (at the photo's size; white where the mask's
+// Draw an uploaded mask onto the canvas (at the photo's size; painted where the mask's
 // grey level, times its alpha, is at least 50%, as the server thresholds it).
 async function applyMaskFile(c, file) {
   const url = URL.createObjectURL(file);
@@ -200,12 +205,13 @@ async function applyMaskFile(c, file) {
   tctx.drawImage(img, 0, 0, w, h);
   const src = tctx.getImageData(0, 0, w, h).data;
   const out = c.ctx.createImageData(w, h);
+  const [r, g, b] = PAINT_RGB;
   for (let i = 0; i < src.length; i += 4) {
     const grey = (src[i] * 299 + src[i + 1] * 587 + src[i + 2] * 114) / 1000;
     const on = (grey * src[i + 3]) / 255 >= 128;
-    out.data[i] = 255;
-    out.data[i + 1] = 255;
-    out.data[i + 2] = 255;
+    out.data[i] = r;
+    out.data[i + 1] = g;
+    out.data[i + 2] = b;
     out.data[i + 3] = on ? 255 : 0;
   }
   c.ctx.putImageData(out, 0, 0);

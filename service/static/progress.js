@@ -10,7 +10,7 @@ import { SseParser } from './sse.js';
 
 const JOB_STORAGE = 'magicface.jobId';
 const TERMINAL = new Set(['succeeded', 'failed', 'canceled', 'expired']);
-const STATUS_LABEL = {
+export const STATUS_LABEL = {
   queued: 'Queued',
   running: 'Running',
   cancel_requested: 'Cancel requested',
@@ -210,6 +210,8 @@ function finishJob(job, view) {
   els.submit.disabled = false;
   els.submit.textContent = 'Generate';
   els.cancel.disabled = true;
+  // The recent jobs list (history.js) listens: it changed.
+  document.dispatchEvent(new CustomEvent('magicface:jobend', { detail: { id: job.id } }));
   if (!view) return;
   render(view);
   if (view.status === 'succeeded') {

@@ -32,6 +32,8 @@ KEY = "browser-key"
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 # What a 4xx answer the test asks for leaves in the console.
 EXPECTED_FAILED_LOADS = ("Failed to load resource",)
+MAX_BYTES = 450_000
+MAX_PIXELS = 200_000
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,11 @@ def stack(redis_server, tmp_path_factory):
     r.flushdb()
     tmp = tmp_path_factory.mktemp("browser")
     s = Stack({"REDIS_URL": redis_server, "STORAGE_URL": f"file://{tmp / 'store'}",
-               "API_KEYS": KEY, "MASK_FACES": "true"}, tmp / "logs")
+               "API_KEYS": KEY, "MASK_FACES": "true",
+               # Low, for the page's checks before upload; above every other test's
+               # uploads (the largest, a 300x451 photo, is 135300 px, ~220 KB).
+               "MAX_IMAGE_BYTES": str(MAX_BYTES), "MAX_IMAGE_PIXELS": str(MAX_PIXELS)},
+              tmp / "logs")
     try:
         s.start_gateway()
         s.start_worker(wait=False)  # it loads its model while the first tests run
@@ -147,6 +153,32 @@ def _submit_and_wait_for_error(driver) -> str:
     driver.execute_script("document.getElementById('error').hidden = true")
     driver.find_element(By.ID, "submit").click()
     return wait_until(lambda: _error_text(driver), 20, what="#error")
+
+
+# Run in the page: from now on window.posts lists the URL of every POST it makes.
+COUNT_POSTS_JS = """
+const realFetch = window.fetch;
+window.posts = [];
+window.fetch = (url, opts = {}) => {
+  if (String(opts.method || 'GET').toUpperCase() === 'POST') window.posts.push(String(url));
+  return realFetch(url, opts);
+};"""
+
+
+def _noise_png(path, size: tuple[int, int]):
+    """Random pixels: a PNG about as large as the raw pixels (3 bytes each)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _flat_png(path, size: tuple[int, int], color=(250, 250, 250)):
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+    return path
 
 
 # -- tests --------------------------------------------------------------------------------
@@ -345,6 +377,50 @@ def _assert_finished(state: dict) -> None:
     assert percents == sorted(percents), log
 
 
+DOWNLOAD_JS = """
+const done = arguments[0];
+const a = document.getElementById('download');
+fetch(a.href).then((r) => r.blob()).then(
+  (b) => done({href: a.href, name: a.download, hidden: a.hidden, type: b.type, size: b.size}),
+  (e) => done({error: String(e)}));"""
+
+
+def _assert_download_and_history(driver, stack) -> None:
+    """The result's download link (a blob of the image, fetched with the key), its job
+    id and seed; the key's recent jobs list it, with a thumbnail, and a click shows it."""
+    import httpx
+
+    job_id = driver.find_element(By.ID, "result-id").text
+    assert re.fullmatch(r"[0-9a-f]{32}", job_id), job_id
+    seed = wait_until(lambda: driver.find_element(By.ID, "result-seed").text, 10,
+                      what="the seed")
+    assert seed == SMALL_JOB["seed"], seed
+    link = driver.execute_async_script(DOWNLOAD_JS)
+    image = httpx.get(f"{stack.base_url}/v1/jobs/{job_id}/image",
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert link["href"].startswith("blob:") and not link["hidden"], link
+    assert link["name"] == f"magicface-{job_id}.png", link
+    assert link["type"] == "image/png" and link["size"] == len(image.content), link
+
+    item_css = f'#history-list li[data-id="{job_id}"]'
+    wait_until(lambda: driver.execute_script(
+        "const li = document.querySelector(arguments[0]);"
+        "return li && li.querySelector('img').naturalWidth === 64", item_css), 20,
+        what="the job's thumbnail in the recent jobs")
+    item = driver.find_element(By.CSS_SELECTOR, item_css)
+    assert item.find_element(By.CSS_SELECTOR, ".history-status").text == "Done"
+    assert item.find_element(By.CSS_SELECTOR, "time").text
+    assert driver.find_element(By.CSS_SELECTOR, "#history-list li").get_attribute(
+        "data-id") == job_id  # newest first
+    before = driver.find_element(By.ID, "result-image").get_attribute("src")
+    item.find_element(By.CSS_SELECTOR, "button").click()
+    wait_until(lambda: driver.execute_script(
+        "const img = document.getElementById('result-image');"
+        "return img.src && img.src !== arguments[0] && img.complete && img.naturalWidth === 64"
+        " && document.getElementById('result-id').textContent === arguments[1]",
+        before, job_id), 20, what="the job shown again from the list")
+
+
 def test_job_from_the_page_to_the_result(page, stack, tmp_path):
     driver = page
     _fill_job(driver, tmp_path, SMALL_JOB)
@@ -355,6 +431,7 @@ def test_job_from_the_page_to_the_result(page, stack, tmp_path):
     _assert_finished(state)
     # The progress came over the event stream, not the polling fallback.
     assert state["transport"] == "events", state
+    _assert_download_and_history(driver, stack)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "result.png"
@@ -419,3 +496,129 @@ def test_cancel_a_running_job(page, stack, tmp_path):
     value = driver.execute_script("return document.getElementById('progress').value")
     assert value < 100
     assert severe_console_errors(driver) == []
+
+
+def test_mask_paint_is_tinted_on_a_light_photo(page, tmp_path):
+    """White paint vanished on a light photo: the canvas shows it in a saturated colour,
+    see-through; the exported mask stays black and white."""
+    driver = page
+    _type(driver, "#prompt", "a photo of a man")
+    concept = _add_concept(driver)
+    _upload_image(driver, concept, _flat_png(tmp_path / "light.png", (120, 80)))
+    canvas = concept.find_element(By.CSS_SELECTOR, ".mask-canvas")
+    _drag(driver, canvas, (-0.3, 0.0), (0.3, 0.0))
+    shown = driver.execute_script("""
+        const c = arguments[0];
+        return {pixel: [...c.getContext('2d').getImageData(60, 40, 1, 1).data],
+                blank: [...c.getContext('2d').getImageData(60, 5, 1, 1).data],
+                opacity: Number(getComputedStyle(c).opacity)};""", canvas)
+    r, g, b, a = shown["pixel"]
+    assert a == 255 and (r, g, b) != (255, 255, 255), shown
+    assert max(r, g, b) - min(r, g, b) >= 150, shown  # saturated, not a grey
+    assert shown["blank"][3] == 0 and 0.3 <= shown["opacity"] < 1, shown
+    mask = np.asarray(_export_mask(driver).convert("RGB"))
+    assert set(np.unique(mask)) <= {0, 255} and (mask[40, 60] == 255).all()
+    assert (mask[5, 60] == 0).all()
+    assert severe_console_errors(driver) == []
+
+
+def test_checks_before_upload_are_instant(page, stack, tmp_path):
+    """What the server would refuse (after an upload, for a big photo) is said at once,
+    in the server's words, naming the field both ways; nothing is posted. A server
+    error about a concept's field names and marks that concept's row."""
+    import httpx
+
+    driver = page
+    wait_until(lambda: driver.execute_script("return window.magicface.limitsKnown()"), 10,
+               what="the server's limits")
+    driver.execute_script(COUNT_POSTS_JS)
+    _type(driver, "#api-key", KEY)
+    _type(driver, "#prompt", "a photo of a man with a hat")
+    rows = [_add_concept(driver) for _ in range(5)]
+    assert _submit_and_wait_for_error(driver) == "concepts: too many concepts: at most 4, got 5"
+
+    for row in rows[2:]:
+        row.find_element(By.CSS_SELECTOR, ".remove-concept").click()
+    man, hat = rows[:2]
+    Select(man.find_element(By.CSS_SELECTOR, ".word-select")).select_by_visible_text("man")
+    Select(hat.find_element(By.CSS_SELECTOR, ".word-select")).select_by_visible_text("hat")
+    big = _noise_png(tmp_path / "big.png", (440, 440))  # under the pixels, over the bytes
+    assert big.stat().st_size > MAX_BYTES and 440 * 440 < MAX_PIXELS
+    _upload_image(driver, man, big)
+    _upload_image(driver, hat, face_image(tmp_path / "hat.png"))
+    man.find_element(By.CSS_SELECTOR, ".weight-input").send_keys("30")
+    _type(driver, "#prompt", "a photo of a man")
+    driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    _type(driver, "#steps", "500")
+    _type(driver, "#width", "100")
+    started = driver.execute_script("return performance.now()")
+    lines = _submit_and_wait_for_error(driver).split("\n")
+    took = driver.execute_script("return performance.now()") - started
+    word_line = "Concept 2 (concepts[1].word): concept word 'hat' does not occur in the prompt"
+    assert lines == [
+        "Concept 1 (concepts[0].weight) must be in (0, 20], got 30",
+        word_line,
+        "Steps (params.steps): Input should be less than or equal to 200",
+        "Width (params.width): Input should be a multiple of 8",
+        f"Concept 1 (images[0]): {big.stat().st_size} bytes exceeds the {MAX_BYTES}-byte limit",
+    ], lines
+    assert took < 3000, took
+    marked = driver.execute_script(
+        "return [...document.querySelectorAll('.has-problem')].map(e => e.id || e.className)")
+    assert sum("concept" in m for m in marked) == 2 and "steps" in marked, marked
+    # The server says the same of the word.
+    face = face_image(tmp_path / "face.png").read_bytes()
+    resp = httpx.post(stack.base_url + "/v1/jobs", headers={"Authorization": f"Bearer {KEY}"},
+                      data={"prompt": "a photo of a man",
+                            "concepts": '[{"word": "man"}, {"word": "hat"}]'},
+                      files=[("images", ("a.png", face)), ("images", ("b.png", face))])
+    server = resp.json()["error"]["message"]
+    assert resp.status_code == 422 and word_line == "Concept 2 (concepts[1].word)" + server[
+        len("concepts[1].word"):], server
+
+    # Fixed but the photo has too many pixels (its bytes are few).
+    man.find_element(By.CSS_SELECTOR, ".weight-input").clear()
+    _type(driver, "#steps", "4")
+    _type(driver, "#width", "64")
+    _type(driver, "#prompt", "a photo of a man with a hat")
+    _upload_image(driver, man, _flat_png(tmp_path / "wide.png", (600, 400)))
+    msg = _submit_and_wait_for_error(driver)
+    assert msg == f"Concept 1 (images[0]): 600x400 exceeds the {MAX_PIXELS}-pixel limit", msg
+    assert driver.execute_script("return window.posts") == []
+
+    # What only the server finds (a file the browser cannot decode either) names and
+    # marks the row too; no mask is required (the server proposes them).
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    man.find_element(By.CSS_SELECTOR, ".concept-image-input").send_keys(str(broken))
+    wait_until(lambda: "cannot be shown" in man.find_element(By.CSS_SELECTOR, ".mask-note").text,
+               10, what="the note on the broken image")
+    msg = _submit_and_wait_for_error(driver)
+    assert msg.startswith("Concept 1 (images[0]): not a decodable"), msg
+    assert "has-problem" in man.get_attribute("class")
+    assert "has-problem" not in hat.get_attribute("class")
+    assert driver.execute_script("return window.posts") == ["v1/jobs"]
+    assert severe_console_errors(driver, EXPECTED_FAILED_LOADS) == []
+
+
+def test_without_the_limits_the_server_checks(page, stack):
+    """GET /v1/limits failing: the page checks nothing itself and the server answers."""
+    driver = page
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/limits"]})
+    try:
+        driver.get(stack.base_url + "/")
+        wait_until(lambda: driver.execute_script("return !!window.magicface"), 10,
+                   what="app.js to load")
+        driver.execute_script(COUNT_POSTS_JS)
+        _type(driver, "#api-key", KEY)
+        _type(driver, "#prompt", "a photo of a man")
+        for _ in range(5):
+            _add_concept(driver)
+        msg = _submit_and_wait_for_error(driver)  # no images: the server's first complaint
+        assert msg.startswith("images"), msg
+        assert driver.execute_script("return window.posts") == ["v1/jobs"]
+        assert not driver.execute_script("return window.magicface.limitsKnown()")
+    finally:
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    assert severe_console_errors(driver, EXPECTED_FAILED_LOADS) == []
