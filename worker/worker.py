@@ -31,6 +31,7 @@ from service.settings import Settings
 from service.storage import Storage
 
 from . import masks, tasks
+from .claims import BATCH_SCAN, claim
 from .retry import REDIS_DOWN, retry
 from .sweeper import sweep_if_due
 
@@ -296,7 +297,7 @@ class MagicFaceWorker(SimpleWorker):
                     if len(found) == limit:
                         break
                     if (c is not None and records.batch_key_of(c) == key
-                            and _claim(queue, c.id)):
+                            and claim(queue, c.id)):
                         found.append(c)
                 left = until - time.monotonic()
                 if len(found) == limit or left <= 0:
@@ -325,27 +326,8 @@ class MagicFaceWorker(SimpleWorker):
             j.outcome = outcomes.get(j.id)
 
 
-# How many queued jobs a worker looks at for companions of its job.
-BATCH_SCAN = 64
-
-# Moves a queued job to the intermediate queue if it is still queued (another worker
-# may have taken it): 1 when claimed.
-_CLAIM = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-    redis.call('RPUSH', KEYS[2], ARGV[1])
-    return 1
-end
-return 0
-"""
-
-
 def _is_proposal(job: Job) -> bool:
     try:
         return job.func_name == MASK_TASK
     except Exception:  # noqa: BLE001 - a record that is not JSON: not ours, a generation's
         return False
-
-
-def _claim(queue: Queue, job_id: str) -> bool:
-    return bool(queue.connection.eval(_CLAIM, 2, queue.key, queue.intermediate_queue_key,
-                                      job_id))

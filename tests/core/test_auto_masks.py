@@ -216,6 +216,12 @@ def test_mtcnn_finds_the_astronauts_face(faces):
     on = np.asarray(p.mask) == 255
     assert on[115, 225]  # the middle of the face
     assert 0.03 < on.mean() < 0.4
+    # The bar: at least 95% of MTCNN's own face box inside the mask, and not
+    # the whole image (at most 60% of it).
+    (fx0, fy0, fx1, fy1), _ = max(faces.detect(img),
+                                  key=lambda d: (d[0][2] - d[0][0]) * (d[0][3] - d[0][1]))
+    face = on[int(fy0):int(fy1), int(fx0):int(fx1)]
+    assert face.mean() >= 0.95 and on.mean() <= 0.6, (face.mean(), on.mean())
 
 
 def test_mtcnn_on_a_cat_is_a_clear_error(faces):

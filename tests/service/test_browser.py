@@ -297,6 +297,45 @@ def test_auto_mask_fills_the_canvas_with_the_proposal(page, stack, tmp_path):
 
 SMALL_JOB = {"steps": "4", "width": "64", "height": "64", "seed": "7"}
 
+
+def test_auto_mask_then_edit_then_submit(page, stack, tmp_path):
+    """The whole path a user takes: Auto mask, an eraser stroke across the proposal,
+    submit; the job runs with the edited mask."""
+    from PIL import Image
+    from skimage import data as samples
+
+    driver = page
+    stack.wait_ready()
+    photo = tmp_path / "woman.png"
+    Image.fromarray(samples.astronaut()[::2, ::2]).save(photo)
+    _type(driver, "#api-key", KEY)
+    _type(driver, "#prompt", "a photo of a woman")
+    concept = _add_concept(driver)
+    _upload_image(driver, concept, photo)
+    Select(concept.find_element(By.CSS_SELECTOR, ".word-select")).select_by_visible_text(
+        "woman")
+    note = concept.find_element(By.CSS_SELECTOR, ".mask-note")
+    concept.find_element(By.CSS_SELECTOR, ".auto-mask").click()
+    wait_until(lambda: "Proposed" in note.text, 60, what="the proposal")
+    proposed = np.asarray(_export_mask(driver).convert("L")) > 127
+    concept.find_element(By.CSS_SELECTOR, ".tool-eraser").click()
+    # Across the upper part of the photo, where the proposal lies.
+    _drag(driver, concept.find_element(By.CSS_SELECTOR, ".mask-canvas"), (-0.45, -0.3),
+          (0.45, -0.3))
+    edited = np.asarray(_export_mask(driver).convert("L")) > 127
+    assert edited.sum() < proposed.sum() and not (edited & ~proposed).any()
+    driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    for field, value in SMALL_JOB.items():
+        _type(driver, f"#{field}", value)
+    driver.find_element(By.ID, "submit").click()
+    wait_until(lambda: driver.execute_script(
+        "const img = document.getElementById('result-image');"
+        "return img.complete && img.naturalWidth === 64") or _error_text(driver), 120,
+        what="the result")
+    assert _error_text(driver) == ""
+    assert severe_console_errors(driver) == []
+
+
 # Run in the page before submitting: the first /events connection is cut (a network
 # error) right after its first event; window.eventsRequests lists each connection's
 # Last-Event-ID header.

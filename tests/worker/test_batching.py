@@ -158,7 +158,7 @@ def test_jobs_of_another_key_stay_queued_for_their_own_batch(batching):
 
 
 def test_a_job_taken_by_another_worker_is_not_claimed_twice(batching):
-    from worker.worker import _claim
+    from worker.claims import claim as _claim
 
     rt, queue = batching
     job = submit(rt, queue, seed=1)
