@@ -87,14 +87,19 @@ def unreadable(job: Job) -> bool:
     return set(job.meta) == {"unserialized"}
 
 
+def _validated(job: Job, model: type[BaseModel], what: str) -> Any:
+    """The job's meta as `model`, as last fetched (no Redis round trip)."""
+    if unreadable(job):
+        raise UnreadableRecord(f"{what} {job.id}: its record is not JSON")
+    try:
+        return model.model_validate(job.meta)
+    except ValidationError as e:
+        raise UnreadableRecord(f"{what} {job.id}: its record has the wrong shape") from e
+
+
 def read(job: Job) -> JobRecord:
     """The job's record as last fetched (no Redis round trip)."""
-    if unreadable(job):
-        raise UnreadableRecord(f"job {job.id}: its record is not JSON")
-    try:
-        return JobRecord.model_validate(job.meta)
-    except ValidationError as e:
-        raise UnreadableRecord(f"job {job.id}: its record has the wrong shape") from e
+    return _validated(job, JobRecord, "job")
 
 
 def write(job: Job, record: JobRecord) -> None:
@@ -132,9 +137,4 @@ class MaskRecord(BaseModel):
 
 
 def read_mask(job: Job) -> MaskRecord:
-    if unreadable(job):
-        raise UnreadableRecord(f"mask {job.id}: its record is not JSON")
-    try:
-        return MaskRecord.model_validate(job.meta)
-    except ValidationError as e:
-        raise UnreadableRecord(f"mask {job.id}: its record has the wrong shape") from e
+    return _validated(job, MaskRecord, "mask")
